@@ -1,0 +1,33 @@
+"""Tiny random models and tokenizers for fast tests (no download, milliseconds to build)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (every string tokenises)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_llama(vocab_size: int = 128, layers: int = 4, hidden: int = 32, seed: int = 0):
+    """A randomly initialised, frozen ``LlamaForCausalLM`` with a few layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    model = LlamaForCausalLM(config)
+    model.requires_grad_(False)
+    return model.eval()
