@@ -58,14 +58,14 @@ class _Fields:
         if value is None:
             return ()
         values = [value] if isinstance(value, str) else value
-        if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
-            raise self.error(field, f"must be a non-empty string or a list of them, got {value!r}")
-        return tuple(values)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise self.error(field, f"must be a string or a list of strings, got {value!r}")
+        return tuple(v for v in values if v.strip())  # empty entries count as absent
 
     def pair(self, prompt_field: str, answer_field: str) -> tuple[tuple[str, str], ...]:
+        prompt, answer = self.text(prompt_field), self.text(answer_field)  # type-checks both
         if any(isinstance(self.row.get(f), str) and not self.row[f].strip() for f in (prompt_field, answer_field)):
             return ()  # an empty prompt or answer: nothing to measure on
-        prompt, answer = self.text(prompt_field), self.text(answer_field)
         if (prompt is None) != (answer is None):
             missing = answer_field if answer is None else prompt_field
             raise self.error(missing, f"missing while {prompt_field!r}/{answer_field!r} must come together")
@@ -191,12 +191,17 @@ def read_rows(path: str | Path) -> list[dict]:
 
     datasets.disable_progress_bars()
     try:
-        rows = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+        # force_redownload: datasets keys its cache on path + mtime only, so a file rewritten
+        # with the same mtime (cp -p, rsync -t) would silently return the old records.
+        rows = datasets.load_dataset("json", data_files=str(path), split="train",
+                                     download_mode="force_redownload").to_list()
     except Exception as err:  # datasets wraps parse errors in several exception types
         raise _diagnose(path, text) from err
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise EditDataError(f"expected a JSON object, got {type(row).__name__}", str(path), index)
+    if stripped.startswith("["):  # datasets wraps non-object items as {"text": item}: check the source
+        first = json.loads(text)[0] if len(text) < 50_000_000 else {}
+        if not isinstance(first, dict):
+            raise EditDataError(f"expected a list of JSON objects, but item 0 is a {type(first).__name__}",
+                                str(path), 0)
     return rows
 
 
@@ -220,7 +225,10 @@ def load_records(source: str | Path, format: str = "auto", on_invalid: str = "ra
         import datasets
 
         rows, name = datasets.load_dataset(str(source), split=split).to_list(), str(source)
-    convert = FORMATS[detect_format(rows[0]) if format == "auto" else format]
+    try:
+        convert = FORMATS[detect_format(rows[0]) if format == "auto" else format]
+    except EditDataError as err:
+        raise EditDataError(str(err).split(": ", 1)[-1], name, 0) from None
     records, skipped = [], []
     for index, row in enumerate(rows):
         try:

@@ -1,0 +1,51 @@
+"""``EditCLI``: LightningCLI whose ``fit`` runs the lifelong editing protocol.
+
+``python scripts/edit.py fit --config configs/zsre.yaml`` builds ``RepairModule`` (``model:``),
+``EditDataModule`` (``data:``) and a Trainer (``trainer:``) from the YAML, then edits the data
+stream T records at a time (``--T``), each edit a short ``fit`` of its own. The Trainer section
+supplies the output folder (``default_root_dir``), the logger and the accelerator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from repair_pl.data import EditDataModule
+from repair_pl.lifelong import run_lifelong
+from repair_pl.module import RepairModule
+
+
+class EditCLI(LightningCLI):
+    """The project's command line (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_callback", None)  # we save the config next to the results
+        super().__init__(RepairModule, EditDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--T", type=int | None, default=None,
+                            help="edits per lifelong chunk: edit T records, evaluate them, reset, repeat (null: all)")
+
+    def fit(self, model: RepairModule, datamodule: EditDataModule, **_) -> dict:
+        """Run the lifelong protocol instead of a single Trainer.fit."""
+        config = self.config[self.subcommand]
+        out = Path(self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.parser.save(config, out / "config.yaml", skip_none=False, overwrite=True,
+                         multifile=False)
+        trainer_cfg = config.get("trainer", {})
+        model.trainer_kwargs = {"accelerator": trainer_cfg.get("accelerator") or "auto", "devices": 1}
+        model.to(self.trainer.strategy.root_device)
+        datamodule.setup("fit")
+        summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
+                               logger=self.trainer.logger or None,
+                               progress=bool(trainer_cfg.get("enable_progress_bar", True)))
+        print(f"summary: {out / 'summary.json'}", flush=True)
+        return summary
+
+
+def main(args=None) -> None:
+    """Entry point of ``scripts/edit.py``."""
+    EditCLI(args=args, parser_kwargs={"default_env": False})

@@ -1,0 +1,427 @@
+"""``RepairModule``: the frozen LLM plus a trainable side memory; each edit is one short ``fit``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from repair_pl.data.records import EditRecord
+from repair_pl.evaluate import encode_pairs
+from repair_pl.losses import margin_routing_loss
+from repair_pl.models import decoder_layers, load_model
+from repair_pl.side_memory import SideMemory
+
+METHODS = ("none", "wise", "repair")
+
+
+@dataclass
+class EditResult:
+    """What one edit did: steps run, final losses, wall time, and whether it was kept."""
+
+    steps: int
+    loss: float
+    edit_loss: float
+    routing_loss: float
+    seconds: float
+    in_scope_score: float
+    success: bool = True
+
+
+class _Repeat(Dataset):
+    """The same prepared edit batch ``n`` times: one optimisation step per item."""
+
+    def __init__(self, batch: dict[str, Tensor], n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.batch
+
+
+class RepairModule(L.LightningModule):
+    """Lifelong editor: a frozen causal LM whose layer ``layer`` MLP down projection is wrapped
+    in a :class:`SideMemory`. ``edit(record)`` runs one short ``Trainer.fit`` on this module.
+
+    Args:
+        model: ``"smollm2"`` (embedded default), a local HF folder, a ``.gguf`` file, a hub id,
+            or an already loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
+        tokenizer: the tokenizer when ``model`` is an object.
+        method: ``"none"`` (no editing: evaluate the base model), ``"wise"`` or ``"repair"``.
+        layer: index of the edited decoder layer; default ``round(0.85 * n_layers)``.
+        lr: SGD learning rate on the side memory.
+        max_steps: optimisation steps per edit (the budget).
+        act_ratio: routing threshold epsilon = act_ratio x min in-scope score.
+        alpha, beta, gamma: margins of the routing loss (out-of-scope ceiling, in-scope floor, gap).
+        routing_weight: weight of the routing loss against the target cross-entropy.
+        mask_ratio: share of side-memory entries a shard may change.
+        norm_constraint: W' stays within +-norm_constraint (elementwise) of its value at the
+            start of the edit; ``None`` disables.
+        n_prefixes: random context prefixes generated once by the model; the edit is trained on
+            the prompt alone and behind each prefix.
+        prefix_tokens: length in tokens of each generated prefix.
+        save_freq: store the current shard every N edits (``None``: never).
+        merge_freq: merge the stored shards into the side memory every N edits (``None``: never).
+        merge_method: ``ties``, ``dare_ties``, ``linear``, ``slerp`` or ``sign``.
+        density: trim density of TIES/DARE.
+        retrieve: WISE-Retrieve: keep merged memories apart and route top-1 by score.
+        dtype: dtype of the frozen model (the side memory is always fp32).
+        eval_batch_size: batch size of evaluation.
+        max_length: longest sequence in tokens (prompts are cut from the left past it).
+        seed: seeds masks and prefixes.
+    """
+
+    def __init__(self, model: Any = "smollm2", tokenizer: Any = None, method: str = "wise",
+                 layer: int | None = None, lr: float = 1.0, max_steps: int = 70, act_ratio: float = 0.88,
+                 alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, routing_weight: float = 1.0,
+                 mask_ratio: float = 0.2, norm_constraint: float | None = 1.0, n_prefixes: int = 10,
+                 prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
+                 merge_method: str = "ties", density: float = 0.53, retrieve: bool = False,
+                 dtype: str = "float32", eval_batch_size: int = 16, max_length: int | None = 256,
+                 seed: int = 0):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"model.method must be one of {METHODS}, got {method!r}")
+        self.save_hyperparameters(ignore=["model", "tokenizer"] if not isinstance(model, str) else ["tokenizer"])
+        if isinstance(model, str):
+            model, tokenizer = load_model(model, dtype=dtype)
+        elif tokenizer is None:
+            raise ValueError("pass `tokenizer` when `model` is a loaded model object")
+        model.requires_grad_(False)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        layers = decoder_layers(model)
+        n_layers = len(layers)
+        self.layer = round(0.85 * n_layers) if layer is None else layer
+        if not -n_layers <= self.layer < n_layers:
+            raise ValueError(f"model.layer={layer} is out of range for a model with {n_layers} layers "
+                             f"(valid: 0..{n_layers - 1})")
+        self.layer %= n_layers
+        mlp = layers[self.layer].mlp
+        self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
+                                 merge_method=merge_method, density=density, retrieve=retrieve, seed=seed)
+        mlp.down_proj = self.memory
+        self.memory.new_mask()
+        self.method = method
+        self.edit_count = 0
+        self.prefixes: list[str] | None = None
+        self.trainer_kwargs: dict[str, Any] = {"accelerator": "auto", "devices": 1}
+        self.edit_callbacks: list[L.Callback] = []
+        self._start_weight: Tensor | None = None
+        self._lower: tuple[tuple, dict] | None = None
+        self._last: dict[str, float] = {}
+
+    # ---- forward / inference -----------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                route_mask: Tensor | None = None) -> Tensor:
+        """Logits of the edited model; routing looks at the tokens in ``route_mask``."""
+        if route_mask is None:
+            route_mask = attention_mask
+        with self.memory.routing(route_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def logits_fn(self, edited: bool = True):
+        """A :data:`repair_pl.evaluate.LogitsFn` for the edited (or, with False, unedited) model."""
+
+        def run(input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor) -> Tensor:
+            previous = self.memory.mode
+            self.memory.mode = "route" if edited else "off"
+            try:
+                return self(input_ids, attention_mask, prompt_mask)
+            finally:
+                self.memory.mode = previous
+
+        return run
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int = 20, edited: bool = True, **kwargs) -> list[str]:
+        """Greedy generation with a KV cache; routing is decided once per sequence from its prompt."""
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        self.tokenizer.padding_side = "right"
+        self.memory.mode = "route" if edited else "off"
+        try:
+            with self.memory.routing(enc.attention_mask, sticky=True):
+                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        finally:
+            self.memory.mode = "route"
+        return self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+
+    # ---- preparing an edit -------------------------------------------------------------------
+    @torch.no_grad()
+    def context_prefixes(self) -> list[str]:
+        """WISE's random context prefixes, generated once by the frozen model (seeded)."""
+        if self.prefixes is None:
+            n = self.hparams.n_prefixes
+            starts = ["The", "Therefore", "Because", "I", "You"]
+            prefixes = []
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(self.hparams.seed)
+            self.memory.mode = "off"
+            for i in range(n):
+                enc = self.tokenizer([starts[i % len(starts)]], return_tensors="pt").to(self.device)
+                out = self.model.generate(**enc, max_new_tokens=self.hparams.prefix_tokens, do_sample=True,
+                                          top_k=5, pad_token_id=self.tokenizer.pad_token_id)
+                text = self.tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " ").strip()
+                prefixes.append(text + ". ")
+            self.memory.mode = "route"
+            torch.random.set_rng_state(gen_state)
+            self.prefixes = prefixes
+        return self.prefixes
+
+    def prepare_edit(self, record: EditRecord) -> dict[str, Tensor]:
+        """Tensors of one edit: the prompt (bare and behind each prefix) + target, and the
+        out-of-scope routing prompt as the last row."""
+        prompts = [record.prompt] + [p + record.prompt for p in self.context_prefixes()]
+        edit = encode_pairs(self.tokenizer, prompts, [record.target] * len(prompts), self.hparams.max_length)
+        out_text = record.routing_prompt or "nq question: who wrote the novel moby dick Herman Melville"
+        out_ids = self.tokenizer([out_text]).input_ids[0][: self.hparams.max_length or None]
+        width = max(edit.input_ids.shape[1], len(out_ids))
+        rows = edit.input_ids.shape[0] + 1
+
+        def pad(t: Tensor, value) -> Tensor:
+            full = torch.full((rows, width), value, dtype=t.dtype)
+            full[: t.shape[0], : t.shape[1]] = t
+            return full
+
+        input_ids = pad(edit.input_ids, self.tokenizer.pad_token_id)
+        attention_mask = pad(edit.attention_mask, 0)
+        route_mask, answer_mask = pad(edit.prompt_mask, False), pad(edit.answer_mask, False)
+        input_ids[-1, : len(out_ids)] = torch.tensor(out_ids)
+        attention_mask[-1, : len(out_ids)] = 1
+        route_mask[-1, : len(out_ids)] = True
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
+                "answer_mask": answer_mask}
+
+    # ---- the edit step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def lower_states(self, batch: dict[str, Tensor]) -> tuple[tuple, dict]:
+        """Inputs of the edited layer for ``batch``: the frozen layers below it do not change
+        during an edit, so they run once per edit and every step starts from here."""
+        captured: dict = {}
+
+        def grab(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _StopForward
+
+        layers = decoder_layers(self.model)
+        handle = layers[self.layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["args"], captured["kwargs"]
+
+    def upper_forward(self, lower: tuple[tuple, dict], positions: Tensor) -> Tensor:
+        """Run the edited layer and those above it from cached inputs; return logits at
+        ``positions`` (a boolean (B, T) mask) only, since the loss needs no other."""
+        args, kwargs = lower
+        hidden = args[0]
+        for layer in decoder_layers(self.model)[self.layer:]:
+            out = layer(hidden, *args[1:], **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = self.model.model.norm(hidden[positions])
+        return self.model.lm_head(hidden)
+
+    def edit_losses(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> dict[str, Tensor]:
+        """Target cross-entropy on the edit rows + margin routing loss (edit rows vs last row)."""
+        if lower is None:
+            lower = self.lower_states(batch)
+        # logits[:, t] predicts token t+1: score the positions just before each answer token
+        predicting = torch.zeros_like(batch["answer_mask"], dtype=torch.bool)
+        predicting[:-1, :-1] = batch["answer_mask"][:-1, 1:].bool()
+        with self.memory.routing(batch["route_mask"]):
+            logits = self.upper_forward(lower, predicting)
+        scores = self.memory.last_scores
+        labels = batch["input_ids"][:-1, 1:][predicting[:-1, :-1]]
+        edit_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        hp = self.hparams
+        routing = margin_routing_loss(scores[:-1], scores[-1:], hp.alpha, hp.beta, hp.gamma)
+        n_first = int(predicting[0].sum())  # the bare prompt's answer positions come first
+        correct = bool((logits[:n_first].argmax(-1) == labels[:n_first]).all())
+        return {"loss": edit_loss + hp.routing_weight * routing, "edit_loss": edit_loss, "routing_loss": routing,
+                "in_scope": scores[0].detach(), "out_scope": scores[-1].detach(),
+                "target_correct": torch.tensor(float(correct))}
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self._lower is None:
+            self._lower = self.lower_states(batch)
+        out = self.edit_losses(batch, self._lower)
+        # Share the step's numbers with callbacks (they decide decay, stopping and rollback).
+        self._last = {k: float(out[k]) for k in ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope",
+                                                 "target_correct")}
+        self.log_dict({f"edit/{k}": v for k, v in self._last.items()}, on_step=True, prog_bar=False, logger=True)
+        return out["loss"]
+
+    def on_after_backward(self) -> None:
+        if self.memory.side.grad is not None:  # only the current shard's entries may change
+            self.memory.side.grad.mul_(self.memory.mask)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.hparams.norm_constraint is not None and self._start_weight is not None:
+            c = self.hparams.norm_constraint
+            with torch.no_grad():
+                self.memory.side.copy_(torch.clamp(self.memory.side, self._start_weight - c, self._start_weight + c))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.memory.side], lr=self.hparams.lr)
+
+    def parameters_to_save(self) -> dict[str, Tensor]:
+        return {"side": self.memory.side}
+
+    # ---- editing -----------------------------------------------------------------------------
+    def _edit_trainer(self) -> L.Trainer:
+        """A fresh lightweight Trainer per edit: calling ``fit`` twice on one Trainer with
+        ``max_steps`` does not train again (Lightning issue 11425)."""
+        return L.Trainer(max_steps=self.hparams.max_steps, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=list(self.edit_callbacks), **self.trainer_kwargs)
+
+    def edit(self, record: EditRecord) -> EditResult:
+        """Apply one edit: a short ``fit`` on the side memory, then update routing and shards."""
+        start = time.perf_counter()
+        if self.method == "none":
+            return EditResult(0, 0.0, 0.0, 0.0, 0.0, 0.0, success=False)
+        batch = self.prepare_edit(record)
+        self._start_weight = self.memory.side.detach().clone()
+        self._lower = None
+        self.memory.mode = "edit"
+        self.memory.invalidate()
+        with _quiet_lightning():
+            trainer = self._edit_trainer()
+            trainer.fit(self, DataLoader(_Repeat(batch, self.hparams.max_steps), batch_size=None))
+        steps = trainer.global_step
+        self.eval()
+        self.memory.mode = "route"
+        self.memory.invalidate()
+        success = getattr(self, "_edit_failed", False) is False
+        score = self.in_scope_score(record) if success else float("nan")
+        if success:
+            self.memory.record_in_scope(score)
+        self._start_weight, self._lower = None, None
+        self.edit_count += 1
+        self._after_edit()
+        last = self._last
+        return EditResult(steps, last.get("loss", float("nan")), last.get("edit_loss", float("nan")),
+                          last.get("routing_loss", float("nan")), time.perf_counter() - start, score, success)
+
+    def _after_edit(self) -> None:
+        hp = self.hparams
+        if hp.save_freq and self.edit_count % hp.save_freq == 0:
+            self.memory.save_shard()
+        if hp.merge_freq and self.edit_count % hp.merge_freq == 0:
+            self.memory.merge_shards()
+
+    @torch.no_grad()
+    def in_scope_score(self, record: EditRecord) -> float:
+        """Activation score of the bare edit prompt through the current side memory."""
+        enc = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length).to(self.device)
+        previous = self.memory.mode
+        self.memory.mode = "edit"
+        try:
+            self(enc.input_ids, enc.attention_mask, enc.prompt_mask)
+        finally:
+            self.memory.mode = previous
+        return float(self.memory.last_scores[0])
+
+    def edit_stream(self, records, progress: bool = True):
+        """Edit ``records`` one after another (they accumulate); yields ``(record, EditResult)``."""
+        iterator = records
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(records, desc="editing", unit="edit")
+        for record in iterator:
+            result = self.edit(record)
+            if progress:
+                iterator.set_postfix(loss=f"{result.edit_loss:.3f}", steps=result.steps)
+            yield record, result
+
+    def reset_edits(self) -> None:
+        """Forget every edit: the side memory becomes a fresh copy of the main weight."""
+        memory = self.memory
+        weight = memory.main.weight.detach().float()
+        with torch.no_grad():
+            memory.side.copy_(weight)
+        memory.merged, memory.shards, memory.memories = weight.clone(), [], []
+        memory.min_in_scope = None
+        memory.invalidate()
+        memory.new_mask()
+        self.edit_count = 0
+
+    # ---- saving and loading ------------------------------------------------------------------
+    def edited_state(self) -> tuple[dict[str, Tensor], dict]:
+        """Tensors and metadata that fully describe the edits (nothing of the frozen model)."""
+        m = self.memory
+        tensors = {"side": m.side.detach(), "merged": m.merged, "mask": m.mask.to(torch.uint8)}
+        tensors.update({f"shard.{i}": s for i, s in enumerate(m.shards)})
+        tensors.update({f"memory.{i}": s for i, s in enumerate(m.memories)})
+        meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
+                "weight_shape": list(m.side.shape), "edit_count": self.edit_count,
+                "min_in_scope": m.min_in_scope, "act_ratio": m.act_ratio, "n_shards": len(m.shards),
+                "n_memories": len(m.memories), "prefixes": self.prefixes, "method": self.method,
+                "generator_state": m._generator.get_state().tolist()}
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def save_edits(self, path: str | Path) -> Path:
+        """Write the edited state to ``path/`` as ``edits.safetensors`` + ``edits.json`` (atomically)."""
+        from repair_pl.checkpoint import write_state
+
+        tensors, meta = self.edited_state()
+        return write_state(Path(path), tensors, meta)
+
+    def load_edits(self, path: str | Path) -> None:
+        """Load an edited state written by :meth:`save_edits`; a state made for a different base
+        model (other layer count or weight shape) is refused with a clear error."""
+        from repair_pl.checkpoint import read_state
+
+        tensors, meta = read_state(Path(path))
+        n_layers = len(decoder_layers(self.model))
+        if meta["n_layers"] != n_layers or list(meta["weight_shape"]) != list(self.memory.side.shape):
+            raise ValueError(f"{path}: edits were made on a model with {meta['n_layers']} layers and a "
+                             f"{tuple(meta['weight_shape'])} down projection; this model has {n_layers} layers "
+                             f"and {tuple(self.memory.side.shape)}")
+        if meta["layer"] != self.layer:
+            raise ValueError(f"{path}: edits are for layer {meta['layer']} but this module edits layer {self.layer}")
+        m, device = self.memory, self.memory.side.device
+        with torch.no_grad():
+            m.side.copy_(tensors["side"])
+        m.merged, m.mask = tensors["merged"].to(device), tensors["mask"].bool().to(device)
+        m.shards = [tensors[f"shard.{i}"].to(device) for i in range(meta["n_shards"])]
+        m.memories = [tensors[f"memory.{i}"].to(device) for i in range(meta["n_memories"])]
+        m.min_in_scope, self.edit_count, self.prefixes = meta["min_in_scope"], meta["edit_count"], meta["prefixes"]
+        m._generator.set_state(torch.tensor(meta["generator_state"], dtype=torch.uint8))
+        m.invalidate()
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the edited layer's inputs are captured."""
+
+
+class _quiet_lightning:
+    """Silence Lightning's per-fit info lines (GPU available, ...) during the many short fits."""
+
+    def __enter__(self):
+        import logging
+
+        self._loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric",
+                                                         "lightning.pytorch.utilities.rank_zero")]
+        self._levels = [lg.level for lg in self._loggers]
+        for lg in self._loggers:
+            lg.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(level)

@@ -1,0 +1,158 @@
+"""``SideMemory``: WISE's side memory around one MLP down projection.
+
+The frozen main weight ``W`` stays untouched; a trainable copy ``W'`` (the side memory) holds
+the edits. Routing decides per sequence: the activation score of a sequence is the L2 norm of
+``x W'^T - x W^T`` per token, averaged over the sequence's routing tokens (the prompt); the side
+output is used when the score exceeds ``epsilon = act_ratio * (min in-scope score seen at the end
+of an edit)``, else the main output.
+
+Shards (our reading of WISE's knowledge sharding, documented in README "Design choices"):
+``merged`` is the side memory as of the last merge (``W`` at first); a shard trains ``W'`` from
+``merged`` inside a random mask; every ``save_freq`` edits the shard is stored and ``W'`` restarts
+from ``merged`` with a new mask; every ``merge_freq`` edits the stored shards (and the current
+one) are merged into ``merged`` (TIES by default). Until a merge happens, inference uses the
+merge of the stored shards and the current one, so edits are visible at all times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repair_pl.merge import merge
+
+
+class SideMemory(nn.Module):
+    """Replaces an ``nn.Linear`` down projection; see the module docstring for the semantics.
+
+    Modes: ``"off"`` (main output only: the unedited model), ``"edit"`` (side output for every
+    row, scores recorded for the routing loss), ``"route"`` (inference: per-sequence routing).
+    """
+
+    def __init__(self, main: nn.Linear, act_ratio: float = 0.88, mask_ratio: float = 0.2,
+                 merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, seed: int = 0):
+        super().__init__()
+        if main.bias is not None:
+            raise ValueError("SideMemory expects a bias-free down projection (Llama-family MLP)")
+        self.main = main
+        weight = main.weight.detach().float()
+        self.side = nn.Parameter(weight.clone())  # fp32 even when the frozen model is bf16
+        self.register_buffer("merged", weight.clone(), persistent=False)
+        self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
+        self.shards: list[Tensor] = []  # stored, not yet merged
+        self.memories: list[Tensor] = []  # WISE-Retrieve: finished merged memories
+        self.act_ratio, self.mask_ratio = act_ratio, mask_ratio
+        self.merge_method, self.density, self.retrieve = merge_method, density, retrieve
+        self.min_in_scope: float | None = None
+        self.mode = "route"
+        self.route_mask: Tensor | None = None
+        self.sticky: Tensor | None = None  # per-sequence decision kept across generate() steps
+        self.last_scores: Tensor | None = None
+        self.last_choice: Tensor | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._view: Tensor | None = None  # cached merge of pending shards for inference
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def epsilon(self) -> float | None:
+        """The routing threshold (None before the first edit)."""
+        return None if self.min_in_scope is None else self.act_ratio * self.min_in_scope
+
+    def new_mask(self) -> None:
+        """Draw the random gradient mask of a new shard (``mask_ratio`` of the entries)."""
+        rand = torch.rand(self.side.shape, generator=self._generator)
+        self.mask = (rand < self.mask_ratio).to(self.side.device)
+
+    def record_in_scope(self, score: float) -> None:
+        """Update the routing threshold with an edit's final in-scope score."""
+        self.min_in_scope = score if self.min_in_scope is None else min(self.min_in_scope, score)
+
+    def save_shard(self) -> None:
+        """Store ``W'`` as a shard and restart it from the merged memory with a new mask."""
+        self.shards.append(self.side.detach().clone())
+        with torch.no_grad():
+            self.side.copy_(self.merged)
+        self.new_mask()
+        self._view = None
+
+    def merge_shards(self, weights: list[float] | None = None) -> None:
+        """Merge stored shards and the current ``W'`` into the side memory."""
+        pending = self._pending()
+        if not pending:
+            return
+        merged = merge(self.merge_method, self.merged, pending, weights, density=self.density,
+                       generator=self._generator if self.merge_method == "dare_ties" else None)
+        if self.retrieve:  # keep the merged memory apart; the next one starts from W
+            self.memories.append(merged)
+            merged = self.main.weight.detach().float().clone()
+        self.merged, self.shards, self._view = merged, [], None
+        with torch.no_grad():
+            self.side.copy_(merged)
+        self.new_mask()
+
+    def _pending(self) -> list[Tensor]:
+        changed = not torch.equal(self.side.detach(), self.merged)
+        return self.shards + ([self.side.detach()] if changed else [])
+
+    def invalidate(self) -> None:
+        """Forget the cached inference weight (call after ``W'`` changed)."""
+        self._view = None
+
+    def inference_weights(self) -> list[Tensor]:
+        """The side weights routing chooses among (one, or several in retrieve mode)."""
+        if self.shards:
+            if self._view is None:
+                self._view = merge(self.merge_method, self.merged, self._pending(), density=self.density)
+            current = self._view
+        else:
+            current = self.side.detach()
+        return self.memories + [current]
+
+    # ---- forward -----------------------------------------------------------------------------
+    @contextmanager
+    def routing(self, mask: Tensor | None, sticky: bool = False) -> Iterator[None]:
+        """Route on the tokens in ``mask`` (B, T); ``sticky`` keeps the first decision per
+        sequence for later calls (generation with a KV cache sees one new token per step)."""
+        self.route_mask, self.sticky = mask, None
+        self._sticky_on = sticky
+        try:
+            yield
+        finally:
+            self.route_mask, self.sticky, self._sticky_on = None, None, False
+
+    def _scores(self, delta: Tensor) -> Tensor:
+        """Mean over routing tokens of the per-token L2 norm of ``delta`` -> (B,)."""
+        norms = delta.float().norm(dim=-1)
+        mask = self.route_mask
+        if mask is None or mask.shape != norms.shape:
+            return norms.mean(-1)
+        mask = mask.to(norms.dtype)
+        return (norms * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        main_out = self.main(x)
+        if self.mode == "off" or (self.mode == "route" and self.min_in_scope is None):
+            return main_out
+        if self.mode == "edit":
+            side_out = F.linear(x.to(self.side.dtype), self.side)
+            self.last_scores = self._scores(side_out - main_out.float())
+            return side_out.to(main_out.dtype)
+        outputs = [F.linear(x.to(w.dtype), w).to(main_out.dtype) for w in self.inference_weights()]
+        if getattr(self, "_sticky_on", False) and self.sticky is not None:
+            choice = self.sticky
+        else:
+            scores = torch.stack([self._scores(out - main_out) for out in outputs], dim=-1)  # (B, K)
+            best, index = scores.max(dim=-1)
+            choice = torch.where(best > self.epsilon, index, torch.full_like(index, -1))
+            self.last_scores = best
+            if getattr(self, "_sticky_on", False):
+                self.sticky = choice
+        self.last_choice = choice
+        out = main_out
+        for k, side_out in enumerate(outputs):
+            out = torch.where((choice == k).view(-1, *([1] * (x.dim() - 1))), side_out, out)
+        return out
