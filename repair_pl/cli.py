@@ -33,8 +33,7 @@ class EditCLI(LightningCLI):
         config = self.config[self.subcommand]
         out = Path(self.trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.parser.save(config, out / "config.yaml", skip_none=False, overwrite=True,
-                         multifile=False)
+        self.parser.save(self.config, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
         trainer_cfg = config.get("trainer", {})
         model.trainer_kwargs = {"accelerator": trainer_cfg.get("accelerator") or "auto", "devices": 1}
         model.to(self.trainer.strategy.root_device)
@@ -47,5 +46,18 @@ class EditCLI(LightningCLI):
 
 
 def main(args=None) -> None:
-    """Entry point of ``scripts/edit.py``."""
-    EditCLI(args=args, parser_kwargs={"default_env": False})
+    """Entry point of ``scripts/edit.py``: known input errors end with one clear line (set
+    ``REPAIR_PL_DEBUG=1`` for the traceback)."""
+    import os
+    import sys
+
+    from repair_pl.data import EditDataError
+    from repair_pl.models import ModelLoadError
+
+    try:
+        EditCLI(args=args, parser_kwargs={"default_env": False})
+    except (EditDataError, ModelLoadError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("REPAIR_PL_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

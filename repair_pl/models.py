@@ -83,7 +83,8 @@ def load_model(name_or_path: str = "smollm2", dtype: str | torch.dtype = "float3
                device: str | torch.device = "cpu", local_files_only: bool | None = None):
     """Return ``(model, tokenizer)``: a frozen causal LM in eval mode and its tokenizer.
 
-    ``name_or_path`` is one of: ``"smollm2"`` (the embedded default); a local Hugging Face
+    ``name_or_path`` is one of: ``"smollm2"`` (the embedded default); ``"tiny-random"`` (a
+    random 4-layer Llama for smoke tests, no download); a local Hugging Face
     folder; a ``.gguf`` file; or a hub id such as ``meta-llama/Meta-Llama-3-8B-Instruct``
     (needs internet or a filled HF cache). The tokenizer always has a pad token (eos when the
     model defines none).
@@ -92,6 +93,10 @@ def load_model(name_or_path: str = "smollm2", dtype: str | torch.dtype = "float3
 
     torch_dtype = resolve_dtype(dtype)
     kwargs: dict = {}
+    if name_or_path == "tiny-random":  # for smoke tests: a 4-layer random Llama, char tokenizer
+        from repair_pl.testing import char_tokenizer, tiny_llama
+
+        return tiny_llama().to(dtype=torch_dtype, device=device), char_tokenizer()
     if name_or_path in EMBEDDED:
         source: str | Path = _load_embedded(name_or_path)
         kwargs["local_files_only"] = True

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,9 @@ class RepairModule(L.LightningModule):
         merge_method: ``ties``, ``dare_ties``, ``linear``, ``slerp`` or ``sign``.
         density: trim density of TIES/DARE.
         retrieve: WISE-Retrieve: keep merged memories apart and route top-1 by score.
+        n_negatives: also hold down the scores of the routing prompts of up to N earlier edits
+            (ours; WISE uses only the edit's own). As edits accumulate, the side memory drifts
+            on all text; a short replay of negatives keeps unrelated scores low (locality).
         dtype: dtype of the frozen model (the side memory is always fp32).
         eval_batch_size: batch size of evaluation.
         max_length: longest sequence in tokens (prompts are cut from the left past it).
@@ -85,7 +88,7 @@ class RepairModule(L.LightningModule):
                  alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, routing_weight: float = 1.0,
                  mask_ratio: float = 0.2, norm_constraint: float | None = 1.0, n_prefixes: int = 10,
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
-                 merge_method: str = "ties", density: float = 0.53, retrieve: bool = False,
+                 merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
                  dtype: str = "float32", eval_batch_size: int = 16, max_length: int | None = 256,
                  seed: int = 0):
         super().__init__()
@@ -117,6 +120,7 @@ class RepairModule(L.LightningModule):
         self.edit_callbacks: list[L.Callback] = []
         self._start_weight: Tensor | None = None
         self._lower: tuple[tuple, dict] | None = None
+        self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
         self._last: dict[str, float] = {}
 
     # ---- forward / inference -----------------------------------------------------------------
@@ -179,14 +183,18 @@ class RepairModule(L.LightningModule):
         return self.prefixes
 
     def prepare_edit(self, record: EditRecord) -> dict[str, Tensor]:
-        """Tensors of one edit: the prompt (bare and behind each prefix) + target, and the
-        out-of-scope routing prompt as the last row."""
+        """Tensors of one edit: the prompt (bare and behind each prefix) + target as edit rows,
+        then the out-of-scope rows: the record's routing prompt and up to ``n_negatives``
+        routing prompts of earlier edits."""
         prompts = [record.prompt] + [p + record.prompt for p in self.context_prefixes()]
         edit = encode_pairs(self.tokenizer, prompts, [record.target] * len(prompts), self.hparams.max_length)
         out_text = record.routing_prompt or "nq question: who wrote the novel moby dick Herman Melville"
-        out_ids = self.tokenizer([out_text]).input_ids[0][: self.hparams.max_length or None]
-        width = max(edit.input_ids.shape[1], len(out_ids))
-        rows = edit.input_ids.shape[0] + 1
+        out_rows = [self.tokenizer([out_text]).input_ids[0][: self.hparams.max_length or None]]
+        out_rows += list(self._negatives)
+        if self.hparams.n_negatives:
+            self._negatives.appendleft(out_rows[0])
+        n_edit = edit.input_ids.shape[0]
+        rows, width = n_edit + len(out_rows), max(edit.input_ids.shape[1], *map(len, out_rows))
 
         def pad(t: Tensor, value) -> Tensor:
             full = torch.full((rows, width), value, dtype=t.dtype)
@@ -196,11 +204,13 @@ class RepairModule(L.LightningModule):
         input_ids = pad(edit.input_ids, self.tokenizer.pad_token_id)
         attention_mask = pad(edit.attention_mask, 0)
         route_mask, answer_mask = pad(edit.prompt_mask, False), pad(edit.answer_mask, False)
-        input_ids[-1, : len(out_ids)] = torch.tensor(out_ids)
-        attention_mask[-1, : len(out_ids)] = 1
-        route_mask[-1, : len(out_ids)] = True
+        for i, ids in enumerate(out_rows, start=n_edit):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            route_mask[i, : len(ids)] = True
+        is_edit = torch.arange(rows) < n_edit
         return {"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
-                "answer_mask": answer_mask}
+                "answer_mask": answer_mask, "is_edit": is_edit}
 
     # ---- the edit step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -240,18 +250,18 @@ class RepairModule(L.LightningModule):
             lower = self.lower_states(batch)
         # logits[:, t] predicts token t+1: score the positions just before each answer token
         predicting = torch.zeros_like(batch["answer_mask"], dtype=torch.bool)
-        predicting[:-1, :-1] = batch["answer_mask"][:-1, 1:].bool()
+        predicting[:, :-1] = batch["answer_mask"][:, 1:].bool()
         with self.memory.routing(batch["route_mask"]):
             logits = self.upper_forward(lower, predicting)
         scores = self.memory.last_scores
-        labels = batch["input_ids"][:-1, 1:][predicting[:-1, :-1]]
+        labels = batch["input_ids"][:, 1:][predicting[:, :-1]]
         edit_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        hp = self.hparams
-        routing = margin_routing_loss(scores[:-1], scores[-1:], hp.alpha, hp.beta, hp.gamma)
+        hp, is_edit = self.hparams, batch["is_edit"]
+        routing = margin_routing_loss(scores[is_edit], scores[~is_edit], hp.alpha, hp.beta, hp.gamma)
         n_first = int(predicting[0].sum())  # the bare prompt's answer positions come first
         correct = bool((logits[:n_first].argmax(-1) == labels[:n_first]).all())
         return {"loss": edit_loss + hp.routing_weight * routing, "edit_loss": edit_loss, "routing_loss": routing,
-                "in_scope": scores[0].detach(), "out_scope": scores[-1].detach(),
+                "in_scope": scores[0].detach(), "out_scope": scores[~is_edit].max().detach(),
                 "target_correct": torch.tensor(float(correct))}
 
     # ---- Lightning hooks ---------------------------------------------------------------------
@@ -260,7 +270,7 @@ class RepairModule(L.LightningModule):
             self._lower = self.lower_states(batch)
         out = self.edit_losses(batch, self._lower)
         # Share the step's numbers with callbacks (they decide decay, stopping and rollback).
-        self._last = {k: float(out[k]) for k in ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope",
+        self._last = {k: float(out[k].detach()) for k in ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope",
                                                  "target_correct")}
         self.log_dict({f"edit/{k}": v for k, v in self._last.items()}, on_step=True, prog_bar=False, logger=True)
         return out["loss"]
@@ -355,9 +365,10 @@ class RepairModule(L.LightningModule):
         weight = memory.main.weight.detach().float()
         with torch.no_grad():
             memory.side.copy_(weight)
-        memory.merged, memory.shards, memory.memories = weight.clone(), [], []
-        memory.min_in_scope = None
+        memory.merged, memory.shards, memory.memories, memory.memory_scales = weight.clone(), [], [], []
+        memory.min_in_scope = memory.period_min = None
         memory.invalidate()
+        self._negatives.clear()
         memory.new_mask()
         self.edit_count = 0
 
@@ -370,7 +381,8 @@ class RepairModule(L.LightningModule):
         tensors.update({f"memory.{i}": s for i, s in enumerate(m.memories)})
         meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
                 "weight_shape": list(m.side.shape), "edit_count": self.edit_count,
-                "min_in_scope": m.min_in_scope, "act_ratio": m.act_ratio, "n_shards": len(m.shards),
+                "min_in_scope": m.min_in_scope, "period_min": m.period_min, "memory_scales": m.memory_scales,
+                "act_ratio": m.act_ratio, "n_shards": len(m.shards),
                 "n_memories": len(m.memories), "prefixes": self.prefixes, "method": self.method,
                 "generator_state": m._generator.get_state().tolist()}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
@@ -402,6 +414,7 @@ class RepairModule(L.LightningModule):
         m.shards = [tensors[f"shard.{i}"].to(device) for i in range(meta["n_shards"])]
         m.memories = [tensors[f"memory.{i}"].to(device) for i in range(meta["n_memories"])]
         m.min_in_scope, self.edit_count, self.prefixes = meta["min_in_scope"], meta["edit_count"], meta["prefixes"]
+        m.period_min, m.memory_scales = meta["period_min"], list(meta["memory_scales"])
         m._generator.set_state(torch.tensor(meta["generator_state"], dtype=torch.uint8))
         m.invalidate()
 

@@ -45,6 +45,8 @@ class SideMemory(nn.Module):
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
         self.shards: list[Tensor] = []  # stored, not yet merged
         self.memories: list[Tensor] = []  # WISE-Retrieve: finished merged memories
+        self.memory_scales: list[float] = []  # their min in-scope scores (retrieve compares ratios)
+        self.period_min: float | None = None  # min in-scope score since the last retrieve merge
         self.act_ratio, self.mask_ratio = act_ratio, mask_ratio
         self.merge_method, self.density, self.retrieve = merge_method, density, retrieve
         self.min_in_scope: float | None = None
@@ -70,6 +72,7 @@ class SideMemory(nn.Module):
     def record_in_scope(self, score: float) -> None:
         """Update the routing threshold with an edit's final in-scope score."""
         self.min_in_scope = score if self.min_in_scope is None else min(self.min_in_scope, score)
+        self.period_min = score if self.period_min is None else min(self.period_min, score)
 
     def save_shard(self) -> None:
         """Store ``W'`` as a shard and restart it from the merged memory with a new mask."""
@@ -88,7 +91,8 @@ class SideMemory(nn.Module):
                        generator=self._generator if self.merge_method == "dare_ties" else None)
         if self.retrieve:  # keep the merged memory apart; the next one starts from W
             self.memories.append(merged)
-            merged = self.main.weight.detach().float().clone()
+            self.memory_scales.append(self.period_min if self.period_min is not None else 1.0)
+            merged, self.period_min = self.main.weight.detach().float().clone(), None
         self.merged, self.shards, self._view = merged, [], None
         with torch.no_grad():
             self.side.copy_(merged)
@@ -136,6 +140,7 @@ class SideMemory(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         main_out = self.main(x)
         if self.mode == "off" or (self.mode == "route" and self.min_in_scope is None):
+            self.last_choice = torch.full(x.shape[:1], -1, dtype=torch.long, device=x.device)
             return main_out
         if self.mode == "edit":
             side_out = F.linear(x.to(self.side.dtype), self.side)
@@ -146,8 +151,16 @@ class SideMemory(nn.Module):
             choice = self.sticky
         else:
             scores = torch.stack([self._scores(out - main_out) for out in outputs], dim=-1)  # (B, K)
-            best, index = scores.max(dim=-1)
-            choice = torch.where(best > self.epsilon, index, torch.full_like(index, -1))
+            if self.memories:
+                # Retrieve (ours): memories differ in scale, so each score is taken relative to
+                # its memory's own min in-scope score; route when the best ratio beats act_ratio.
+                scales = self.memory_scales + [self.period_min or self.min_in_scope]
+                ratios = scores / torch.tensor(scales, dtype=scores.dtype, device=scores.device)
+                best, index = ratios.max(dim=-1)
+                choice = torch.where(best > self.act_ratio, index, torch.full_like(index, -1))
+            else:
+                best, index = scores.max(dim=-1)
+                choice = torch.where(best > self.epsilon, index, torch.full_like(index, -1))
             self.last_scores = best
             if getattr(self, "_sticky_on", False):
                 self.sticky = choice

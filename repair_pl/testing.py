@@ -27,7 +27,8 @@ def tiny_llama(vocab_size: int = 128, layers: int = 4, hidden: int = 32, seed: i
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+                         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                         initializer_range=0.2)  # large enough that logits are not near-uniform
     model = LlamaForCausalLM(config)
     model.requires_grad_(False)
     return model.eval()

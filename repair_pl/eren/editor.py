@@ -1,0 +1,153 @@
+"""The EREN editor: edits become notes; questions are answered by reading retrieved notes.
+
+Answering a question (EREN's two-step reading, Chen et al. 2024, Sec. 4):
+
+1. retrieve the ``k`` notes most similar to the question;
+2. ask the reader to answer from the notes, with an explicit way out ("unanswerable") for
+   notes that do not bear on the question;
+3. if the reader takes the way out, answer closed-book: the question alone, exactly as the
+   unedited model would see it, so unrelated questions keep their unedited answers.
+
+Prompts are plain ``str.format`` templates (:class:`Prompts`), set from the config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from repair_pl.data.records import EditRecord
+from repair_pl.eren.notebook import Note, Notebook
+from repair_pl.eren.reader import Reader, generate_all
+
+READ_TEMPLATE = ('Read the notes and answer the question in a few words. If the notes do not '
+                 'answer the question, say "unanswerable".\n\nNotes:\n{notes}\n\nQuestion: {question}')
+CLOSED_BOOK_TEMPLATE = "Answer the question in a few words.\n\nQuestion: {question}"
+NOTE_TEMPLATE = "Q: {prompt} A: {target}"
+"""How a record without an edit sentence (ZsRE) becomes a note; fields: prompt, target, subject."""
+
+
+@dataclass
+class Prompts:
+    """The reader's prompt templates.
+
+    Attributes:
+        read: step 1; fields ``{notes}`` and ``{question}``.
+        closed_book: the fallback and the unedited baseline; field ``{question}``.
+        note: one retrieved note inside ``{notes}``; fields ``{text}`` and ``{rank}`` (1 = best).
+        joiner: between notes.
+        best_last: list the best note last, next to the question (small readers attend most to
+            the nearest text); EREN lists best first.
+        irrelevant: words that, found in the normalised step-1 output, mean "the notes do not
+            answer it".
+        relevance: optional separate yes/no step before reading (fields ``{notes}``,
+            ``{question}``); an answer without "yes" means closed-book. ``None``: EREN's joint step.
+        record_note: how a record without a statement becomes a note (see :data:`NOTE_TEMPLATE`).
+    """
+
+    read: str = READ_TEMPLATE
+    closed_book: str = CLOSED_BOOK_TEMPLATE
+    note: str = "- {text}"
+    joiner: str = "\n"
+    best_last: bool = False
+    irrelevant: tuple[str, ...] = ("unanswerable", "irrelevant")
+    relevance: str | None = None
+    record_note: str = NOTE_TEMPLATE
+
+
+@dataclass
+class Answer:
+    """The editor's answer to one question and how it was reached."""
+
+    text: str
+    relevant: bool
+    notes: list[Note] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    read_output: str | None = None
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of a generation (readers often run on after the answer)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def record_note(record: EditRecord, template: str = NOTE_TEMPLATE) -> str:
+    """The note for an edit record: its edit sentence when it has one, else ``template``."""
+    if record.statement:
+        return record.statement.strip()
+    return template.format(prompt=record.prompt.strip(), target=record.target.strip(), subject=record.subject)
+
+
+class ErenEditor:
+    """Edit a black-box reader by writing notes and answering from them.
+
+    Args:
+        reader: ``generate(prompt) -> text`` (see :mod:`repair_pl.eren.reader`).
+        notebook: where the notes live (its encoder does the retrieval).
+        k: notes retrieved per question.
+        prompts: the templates.
+        min_score: optional retrieval gate (not in EREN, off by default): a question whose best
+            note scores below it goes closed-book without step 1 (the reader is not asked).
+    """
+
+    def __init__(self, reader: Reader, notebook: Notebook, k: int = 5, prompts: Prompts | None = None,
+                 min_score: float | None = None):
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.reader, self.notebook, self.k = reader, notebook, k
+        self.prompts, self.min_score = prompts or Prompts(), min_score
+
+    def edit(self, record: EditRecord | str) -> Note:
+        """Add one edit (a record or a sentence) as a note."""
+        return self.edit_many([record])[0]
+
+    def edit_many(self, records: Sequence[EditRecord | str]) -> list[Note]:
+        """Add many edits in one encoder pass."""
+        texts = [r if isinstance(r, str) else record_note(r, self.prompts.record_note) for r in records]
+        metas = [{} if isinstance(r, str) else {"case_id": r.case_id} for r in records]
+        return self.notebook.add_many(texts, metas=metas)
+
+    def reset(self) -> None:
+        """Forget every edit."""
+        self.notebook.clear()
+
+    def closed_book(self, questions: Sequence[str]) -> list[str]:
+        """The reader's answers without notes (what the unedited model says)."""
+        return [first_line(t) for t in generate_all(self.reader, [self.prompts.closed_book.format(question=q)
+                                                                  for q in questions])]
+
+    def _notes_text(self, notes: list[Note]) -> str:
+        ranked = [self.prompts.note.format(text=n.text, rank=i + 1) for i, n in enumerate(notes)]
+        return self.prompts.joiner.join(reversed(ranked) if self.prompts.best_last else ranked)
+
+    def _says_irrelevant(self, text: str) -> bool:
+        words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+        return not words or any(m in words for m in self.prompts.irrelevant)
+
+    def answer(self, question: str) -> Answer:
+        """Answer one question (see the module docstring)."""
+        return self.answer_batch([question])[0]
+
+    def answer_batch(self, questions: Sequence[str]) -> list[Answer]:
+        """Answer many questions; each step is one batched reader call."""
+        hits = self.notebook.search(list(questions), self.k)
+        if self.min_score is not None:  # a gate on the best score: all k notes or none
+            hits = [row if row and row[0][1] >= self.min_score else [] for row in hits]
+        answers = [Answer("", False, [n for n, _ in row], [s for _, s in row]) for row in hits]
+        todo = [i for i, a in enumerate(answers) if a.notes]
+        p = self.prompts
+        if p.relevance is not None and todo:
+            verdicts = generate_all(self.reader, [p.relevance.format(notes=self._notes_text(answers[i].notes),
+                                                                     question=questions[i]) for i in todo])
+            todo = [i for i, v in zip(todo, verdicts) if "yes" in re.findall(r"[a-z]+", v.lower())]
+        reads = generate_all(self.reader, [p.read.format(notes=self._notes_text(answers[i].notes),
+                                                         question=questions[i]) for i in todo])
+        for i, raw in zip(todo, reads):
+            answers[i].read_output = raw
+            if not self._says_irrelevant(first_line(raw)):
+                answers[i].text, answers[i].relevant = first_line(raw), True
+        fallback = [i for i, a in enumerate(answers) if not a.relevant]
+        for i, text in zip(fallback, self.closed_book([questions[i] for i in fallback])):
+            answers[i].text = text
+        return answers

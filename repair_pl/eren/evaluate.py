@@ -1,0 +1,264 @@
+"""Evaluate an :class:`~repair_pl.eren.editor.ErenEditor` by generation, as EREN does.
+
+Questions per record:
+
+- in scope: CounterFact-Hard's ``edit_scope`` questions (the first is the rewrite prompt, the
+  others paraphrases); for other formats the edit prompt and its rephrases.
+- unrelated: CounterFact-Hard's ``unrelated`` questions (``neighbor_subj``: same relation, other
+  subjects; ``same_subj``: same subject, other relations); for other formats the locality prompts.
+
+Metrics (EREN, Chen et al. 2024, Sec. 5):
+
+- Edit Success (ES): share of in-scope questions whose answer matches the new answer.
+- Behaviour Preservation (BP): share of unrelated questions whose answer with the notebook
+  equals (after normalisation) the unedited model's closed-book answer.
+- Edit Quality (EQ): harmonic mean of ES and BP.
+
+Match rule. EREN's released code dumps predictions but not its scorer. We normalise both
+strings SQuAD-style (lower case, no punctuation, no articles, single spaces) and count a hit
+when the normalised target occurs as a whole-word span of the normalised answer (``contains``,
+the default and the reported ES): EREN's Flan-T5 reader emits bare spans, where this equals exact
+match, whereas a chat reader answers in sentences ("His native language is English."). Strict
+normalised exact match (``em``) is recorded next to it (``rewrite_em``, ``es_em``).
+
+Results use the project's shape (see :mod:`repair_pl.lifelong`): per case ``pre``/``post`` with
+``rewrite_acc`` (first in-scope question), ``rephrase_acc`` (the rest), ``rewrite_em`` and
+``locality.neighborhood_acc`` (1.0 = unrelated answer unchanged), so EREN and REPAIR share one
+results table; ``pre`` is the unedited model answering closed-book.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from repair_pl.data.records import EditRecord
+from repair_pl.eren.editor import ErenEditor
+from repair_pl.eren.notebook import atomic_write
+
+GATE_THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+"""Retrieval-gate thresholds whose effect every summary reports (see :func:`gate_sweep`)."""
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and articles, squeeze spaces."""
+    text = "".join(" " if ch in string.punctuation else ch for ch in text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_matches(output: str, target: str, rule: str = "contains") -> bool:
+    """Whether ``output`` gives ``target``: ``"em"`` (equal after normalisation) or
+    ``"contains"`` (the normalised target is a whole-word span of the normalised output)."""
+    out, gold = normalize_answer(output), normalize_answer(target)
+    if rule == "em":
+        return out == gold
+    if rule == "contains":
+        return bool(gold) and f" {gold} " in f" {out} "
+    raise ValueError(f"unknown match rule {rule!r}; choose 'contains' or 'em'")
+
+
+def record_questions(record: EditRecord) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(in_scope, unrelated)``: ``[(question, new answer)]`` and ``[(question, kind)]``."""
+    scope = record.meta.get("edit_scope")
+    if scope:
+        in_scope = [(q, a) for q, a in scope]
+    else:
+        in_scope = [(record.prompt, record.target)] + [(q, record.target) for q in record.rephrases]
+    unrelated_meta = record.meta.get("unrelated")
+    if unrelated_meta:
+        unrelated = [(q, kind) for kind in sorted(unrelated_meta) for q in unrelated_meta[kind]]
+    else:
+        unrelated = [(q, "loc") for q, _ in record.locality]
+    return in_scope, unrelated
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """EREN's Edit Quality: ``2ab / (a + b)`` (0 when both are 0)."""
+    if math.isnan(a) or math.isnan(b):
+        return float("nan")
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: str = "custom",
+                    T: int | None = None, rule: str = "contains", slice_records: int = 10,
+                    distractors: Sequence[EditRecord] = (), progress: bool = True) -> tuple[list[dict], dict]:
+    """Edit ``T`` records at a time into an empty notebook and answer all their questions.
+
+    Returns ``(cases, summary)``; see the module docstring for the metrics. ``slice_records``
+    records' questions are answered per batched call (progress is printed after each).
+    ``distractors`` are edited into every notebook too but not evaluated (e.g. to tune prompts
+    on a few records against a full-size notebook).
+    """
+    T = T or len(records)
+    if T > len(records):
+        raise ValueError(f"T={T} is larger than the {len(records)} records")
+    cases: list[dict] = []
+    timing = {"edit": 0.0, "pre": 0.0, "post": 0.0, "n_pre": 0, "n_post": 0}
+    diag = {"recall": [], "relevant_in": [], "relevant_out": []}
+    start_all = time.perf_counter()
+    for start in range(0, len(records), T):
+        chunk = records[start: start + T]
+        editor.reset()
+        tick = time.perf_counter()
+        editor.edit_many(list(chunk) + [d for d in distractors if d not in chunk])
+        timing["edit"] += time.perf_counter() - tick
+        for s in range(0, len(chunk), slice_records):
+            part = chunk[s: s + slice_records]
+            qs = [record_questions(r) for r in part]
+            flat = [q for ins, out in qs for q in [q for q, _ in ins] + [q for q, _ in out]]
+            tick = time.perf_counter()
+            pre = editor.closed_book(flat)
+            timing["pre"], timing["n_pre"] = timing["pre"] + time.perf_counter() - tick, timing["n_pre"] + len(flat)
+            tick = time.perf_counter()
+            post = editor.answer_batch(flat)
+            timing["post"], timing["n_post"] = timing["post"] + time.perf_counter() - tick, timing["n_post"] + len(flat)
+            offset = 0
+            for record, (ins, out) in zip(part, qs):
+                n_in, n_out = len(ins), len(out)
+                case = _case(record, ins, out, pre[offset: offset + n_in + n_out],
+                             post[offset: offset + n_in + n_out], rule)
+                offset += n_in + n_out
+                cases.append(case)
+                diag["recall"] += [q["own_note_rank"] is not None for q in case["eren"]["in_scope"]]
+                diag["relevant_in"] += [q["relevant"] for q in case["eren"]["in_scope"]]
+                diag["relevant_out"] += [q["relevant"] for q in case["eren"]["unrelated"]]
+            if progress:
+                done = len(cases)
+                elapsed = time.perf_counter() - start_all
+                es, bp = _pooled(cases, "post", "es"), _pooled(cases, "post", "bp")
+                print(f"[eren] {done}/{len(records)} records  ES={es:.3f} BP={bp:.3f}  "
+                      f"{elapsed:.0f}s elapsed, ~{elapsed / done * (len(records) - done):.0f}s left",
+                      file=sys.stderr, flush=True)
+    return cases, _summary(cases, dataset, T, rule, timing, diag)
+
+
+def _case(record: EditRecord, ins, out, pre: list[str], post, rule: str) -> dict:
+    n_in = len(ins)
+    own = record.case_id
+
+    def scope_scores(answers: list[str], which: str) -> list[float]:
+        return [float(answer_matches(a, t, which)) for a, (_, t) in zip(answers, ins)]
+
+    pre_in, post_in = pre[:n_in], [a.text for a in post[:n_in]]
+    unchanged = [float(normalize_answer(p) == normalize_answer(a.text)) for p, a in zip(pre[n_in:], post[n_in:])]
+    by_kind: dict[str, list[float]] = {}
+    for (_, kind), same in zip(out, unchanged):
+        by_kind.setdefault(f"{kind}_acc", []).append(same)
+
+    def stage(scores: list[float], em: list[float], kinds: dict[str, list[float]]) -> dict:
+        # `out` is grouped by kind, so the kinds' lists concatenated are in question order
+        loc = [v for values in kinds.values() for v in values]
+        return {"rewrite_acc": scores[:1], "rephrase_acc": scores[1:], "rewrite_em": em,
+                "locality": {"neighborhood_acc": loc, **kinds}}
+
+    def trace(answer, question: str, **extra) -> dict:
+        ids = [n.meta.get("case_id") for n in answer.notes]
+        return {"question": question, **extra, "post": answer.text, "relevant": answer.relevant,
+                "read_output": answer.read_output, "notes": [n.id for n in answer.notes],
+                "scores": list(answer.scores),
+                "own_note_rank": ids.index(own) + 1 if own in ids else None}
+
+    return {
+        "case_id": record.case_id,
+        "requested_rewrite": {**record.requested_rewrite(), "statement": record.statement},
+        # pre: the unedited model against itself, so every unrelated answer is unchanged
+        "pre": stage(scope_scores(pre_in, rule), scope_scores(pre_in, "em"),
+                     {k: [1.0] * len(v) for k, v in by_kind.items()}),
+        "post": stage(scope_scores(post_in, rule), scope_scores(post_in, "em"), by_kind),
+        "eren": {"in_scope": [trace(a, q, target=t, pre=p) for a, (q, t), p in zip(post[:n_in], ins, pre_in)],
+                 "unrelated": [trace(a, q, kind=k, pre=p, unchanged=bool(u))
+                               for a, (q, k), p, u in zip(post[n_in:], out, pre[n_in:], unchanged)]},
+    }
+
+
+def _pooled(cases: list[dict], stage: str, metric: str) -> float:
+    if metric == "bp":
+        return _mean([v for c in cases for v in c[stage]["locality"]["neighborhood_acc"]])
+    key = "rewrite_em" if metric == "es_em" else None
+    return _mean([v for c in cases for v in (c[stage][key] if key else
+                                             c[stage]["rewrite_acc"] + c[stage]["rephrase_acc"])])
+
+
+def gate_sweep(cases: list[dict], thresholds: Sequence[float], rule: str = "contains") -> dict[str, dict]:
+    """ES/BP/EQ had the editor run with ``min_score=t`` for each ``t``, from ungated traces.
+
+    Exact, not an estimate: the gate only sends a question whose best note scores below ``t``
+    closed-book (its ``pre`` answer); every other question is read exactly as it was.
+    """
+    sweep = {}
+    for t in thresholds:
+        def gated(q: dict) -> str:
+            return q["post"] if q["scores"] and q["scores"][0] >= t else q["pre"]
+
+        es = _mean([float(answer_matches(gated(q), q["target"], rule)) for c in cases for q in c["eren"]["in_scope"]])
+        bp = _mean([float(normalize_answer(gated(q)) == normalize_answer(q["pre"]))
+                    for c in cases for q in c["eren"]["unrelated"]])
+        sweep[f"{t:g}"] = {"es": es, "bp": bp, "eq": harmonic_mean(es, bp)}
+    return sweep
+
+
+def _summary(cases: list[dict], dataset: str, T: int, rule: str, timing: dict, diag: dict) -> dict:
+    from repair_pl.lifelong import case_means
+
+    n = len(cases)
+    es, bp = _pooled(cases, "post", "es"), _pooled(cases, "post", "bp")
+    kinds = sorted({k for c in cases for k in c["post"]["locality"] if k != "neighborhood_acc"})
+    return {
+        "method": "eren", "dataset": dataset, "T": T, "n_edits": n, "match": rule,
+        "pre": case_means([c["pre"] for c in cases]), "post": case_means([c["post"] for c in cases]),
+        "es": es, "bp": bp, "eq": harmonic_mean(es, bp), "es_em": _pooled(cases, "post", "es_em"),
+        "pre_es": _pooled(cases, "pre", "es"),
+        **{f"bp_{k.removesuffix('_acc')}": _mean([v for c in cases for v in c["post"]["locality"].get(k, [])])
+           for k in kinds},
+        "retrieval_recall": _mean([float(x) for x in diag["recall"]]),
+        "relevant_rate_in_scope": _mean([float(x) for x in diag["relevant_in"]]),
+        "relevant_rate_unrelated": _mean([float(x) for x in diag["relevant_out"]]),
+        "gate_sweep": gate_sweep(cases, GATE_THRESHOLDS, rule),
+        "n_queries": timing["n_post"],
+        "seconds_per_edit": timing["edit"] / max(n, 1),
+        "seconds_per_query": timing["post"] / max(timing["n_post"], 1),
+        "seconds_per_closed_book_query": timing["pre"] / max(timing["n_pre"], 1),
+        "steps_per_edit": 0.0, "n_failed": 0,
+    }
+
+
+def _markdown(summary: dict, extra: dict | None = None) -> str:
+    keys = ("rewrite_acc", "rephrase_acc", "locality")
+    rows = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for stage in ("pre", "post"):
+        rows.append(f"| {stage} | " + " | ".join(f"{summary[stage].get(k, float('nan')):.4f}" for k in keys) + " |")
+    lines = [f"# eren on {summary['dataset']} (T={summary['T']}, {summary['n_edits']} edits)", "",
+             *rows, "",
+             f"ES {100 * summary['es']:.1f} / BP {100 * summary['bp']:.1f} / EQ {100 * summary['eq']:.1f} "
+             f"(match: {summary['match']}; ES by exact match {100 * summary['es_em']:.1f}; "
+             f"closed-book ES {100 * summary['pre_es']:.1f})", "",
+             f"retrieval recall@k {100 * summary['retrieval_recall']:.1f}; notes judged relevant on "
+             f"{100 * summary['relevant_rate_in_scope']:.1f}% of in-scope and "
+             f"{100 * summary['relevant_rate_unrelated']:.1f}% of unrelated questions", "",
+             f"seconds per query {summary['seconds_per_query']:.3f} ({summary['n_queries']} queries); "
+             f"closed-book {summary['seconds_per_closed_book_query']:.3f}; per edit {summary['seconds_per_edit']:.4f}"]
+    for k, v in (extra or {}).items():
+        lines.append(f"{k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str | Path, cases: list[dict], summary: dict, extra: dict | None = None) -> Path:
+    """Write ``results.json``, ``summary.json`` and ``summary.md`` into ``out_dir`` (atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", json.dumps(cases, indent=1, ensure_ascii=False))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write(out / "summary.md", _markdown(summary, extra))
+    return out

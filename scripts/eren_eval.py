@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Evaluate EREN (edit by reading notes) with the embedded SmolLM2 reader.
+
+Examples::
+
+    python scripts/eren_eval.py --data cfh --n 200 --out runs/eren_cfh
+    python scripts/eren_eval.py --data zsre --n 100 --out runs/eren_zsre
+    python scripts/eren_eval.py --data cfh --n 20 --offset 200 --out runs/dev   # prompt tuning slice
+    python scripts/eren_eval.py --bench-index                                   # retrieval speed at 10k notes
+
+Defaults come from ``configs/eren_<data>.yaml``; the flags override them. Writes
+``results.json``, ``summary.json``, ``summary.md`` and the notebook under ``--out`` and prints
+ES/BP/EQ, Rel/Gen/Loc and seconds per query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = {"cfh": "eren/cfh_filtered.json", "zsre": "zsre/zsre_edit_1000.json"}
+
+
+def data_path(name: str) -> str:
+    """The project's data/ copy when present, else the shared folder beside the repository."""
+    for base in (ROOT / "data", ROOT.parent / "shared" / "data"):
+        if (base / DATA[name]).exists():
+            return str(base / DATA[name])
+    raise SystemExit(f"no {DATA[name]} under data/ or ../shared/data: run scripts/get_data.py")
+
+
+def bench_index(n: int = 10_000, dim: int = 384, k: int = 5) -> None:
+    import torch
+
+    from repair_pl.eren.retrieval import VectorIndex
+
+    index = VectorIndex(dim)
+    for _ in range(n // 1000):  # incremental adds, as edits arrive
+        index.add(torch.nn.functional.normalize(torch.randn(1000, dim), dim=-1))
+    for batch in (1, 64):
+        queries = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1)
+        index.search(queries, k)
+        tick, reps = time.perf_counter(), 50
+        for _ in range(reps):
+            index.search(queries, k)
+        ms = (time.perf_counter() - tick) / reps / batch * 1000
+        print(f"top-{k} of {len(index)} x {dim}, batch {batch}: {ms:.3f} ms/query "
+              f"({torch.get_num_threads()} thread(s))")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=sorted(DATA), default="cfh")
+    parser.add_argument("--n", type=int, default=None, help="records (default: the config's ds_size)")
+    parser.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    parser.add_argument("--T", type=int, default=None, help="edits per notebook (default: the config's T, else n)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/eren_<data>)")
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/eren_<data>.yaml)")
+    parser.add_argument("--model", default=None, help="reader model (default: the config's, smollm2)")
+    parser.add_argument("--encoder", default=None, help="encoder: default, hash, or a sentence-transformers folder")
+    parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--prompt", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a prompt field (read, closed_book, note, best_last, ...); YAML value")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--bench-index", action="store_true", help="only time retrieval at 10k notes")
+    args = parser.parse_args(argv)
+
+    import torch
+    import yaml
+
+    torch.set_num_threads(args.threads)
+    if args.bench_index:
+        bench_index()
+        return None
+    from repair_pl.eren.run import run_config
+
+    config = Path(args.config) if args.config else ROOT / "configs" / f"eren_{args.data}.yaml"
+    cfg = yaml.safe_load(config.read_text()) if config.exists() else {}
+    model, data = cfg.setdefault("model", {}), cfg.setdefault("data", {})
+    data["path"] = data_path(args.data)
+    data["offset"] = args.offset
+    if args.n is not None:
+        data["ds_size"] = args.n
+    cfg["T"] = args.T if args.T is not None else cfg.get("T")
+    if cfg["T"] is not None and data.get("ds_size") is not None:
+        cfg["T"] = min(cfg["T"], data["ds_size"])
+    for key, value in (("model", args.model), ("encoder", args.encoder), ("k", args.k),
+                       ("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)):
+        if value is not None:
+            model[key] = value
+    for item in args.prompt:
+        key, _, value = item.partition("=")
+        model.setdefault("prompts", {})[key] = yaml.safe_load(value) if key == "best_last" else value
+    cfg.setdefault("trainer", {})["default_root_dir"] = args.out or f"runs/eren_{args.data}"
+    tick = time.perf_counter()
+    summary = run_config(cfg)
+    post = summary["post"]
+    print(f"eren on {args.data}: {summary['n_edits']} edits (T={summary['T']}), reader {summary['reader']}, "
+          f"encoder {summary['encoder']}, k={summary['k']}")
+    print(f"  ES {100 * summary['es']:.1f}  BP {100 * summary['bp']:.1f}  EQ {100 * summary['eq']:.1f}  "
+          f"(ES exact match {100 * summary['es_em']:.1f}; closed-book ES {100 * summary['pre_es']:.1f})")
+    print(f"  Rel {post.get('rewrite_acc', float('nan')):.4f}  Gen {post.get('rephrase_acc', float('nan')):.4f}  "
+          f"Loc {post.get('locality', float('nan')):.4f}")
+    print(f"  retrieval recall@k {100 * summary['retrieval_recall']:.1f}; relevant on "
+          f"{100 * summary['relevant_rate_in_scope']:.1f}% in-scope / {100 * summary['relevant_rate_unrelated']:.1f}% "
+          f"unrelated")
+    print(f"  {summary['seconds_per_query']:.3f} s/query ({summary['n_queries']} queries), closed-book "
+          f"{summary['seconds_per_closed_book_query']:.3f} s/query; total {time.perf_counter() - tick:.0f} s")
+    print(f"  written to {cfg['trainer']['default_root_dir']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

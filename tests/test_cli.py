@@ -1,0 +1,68 @@
+"""The command line end to end on the tiny random model (seconds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=300):
+    cmd = [sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+TINY = ["--model.model", "tiny-random", "--model.layer", "2", "--model.n_prefixes", "1", "--model.max_steps", "3",
+        "--trainer.enable_progress_bar", "false"]
+
+
+def test_fit_writes_results_and_summary(tmp_path):
+    proc = run_cli("--config", "configs/demo.yaml", *TINY, "--data.ds_size", "4", "--T", "2",
+                   "--trainer.default_root_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == f"summary: {tmp_path / 'summary.json'}"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"method", "dataset", "T", "n_edits", "pre", "post", "seconds_per_edit", "steps_per_edit"} <= set(summary)
+    assert summary["method"] == "wise" and summary["dataset"] == "demo" and summary["T"] == 2
+    assert summary["n_edits"] == 4 and summary["steps_per_edit"] == 3
+    assert set(summary["pre"]) >= {"rewrite_acc", "rephrase_acc", "locality"}
+    assert summary["pre"]["locality"] == 1.0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 4 and {"case_id", "requested_rewrite", "pre", "post"} <= set(results[0])
+    assert isinstance(results[0]["post"]["locality"]["neighborhood_acc"], list)
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "summary.md").exists()
+
+
+def test_data_path_override_and_method_none(tmp_path):
+    data = tmp_path / "edits.jsonl"
+    data.write_text('{"src": "a b?", "alt": "c", "loc": "d", "loc_ans": "e"}\n'
+                    '{"src": "f g?", "alt": "h", "loc": "i", "loc_ans": "j"}\n')
+    proc = run_cli("--config", "configs/zsre.yaml", *TINY, "--data.path", str(data), "--data.ds_size", "2", "--T", "2",
+                   "--model.method", "none", "--trainer.default_root_dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["method"] == "none" and summary["dataset"] == "edits" and summary["steps_per_edit"] == 0
+    assert summary["post"]["locality"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.path", "data/nope/missing.json"], "get_data.py"),
+    (["--model.method", "rome"], "method"),
+    (["--data.ds_size", "3", "--T", "5"], "T=5 is larger"),
+    (["--model.layer", "9"], "model.layer=9 is out of range"),
+])
+def test_bad_config_fails_with_a_clear_message(tmp_path, args, message):
+    proc = run_cli("--config", "configs/demo.yaml", *TINY, *args, "--trainer.default_root_dir", str(tmp_path))
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr  # one clear line, not a deep traceback
+
+
+def test_print_config():
+    proc = run_cli("--config", "configs/zsre.yaml", "--print_config")
+    assert proc.returncode == 0
+    assert "method: wise" in proc.stdout and "ds_size: 100" in proc.stdout

@@ -1,0 +1,85 @@
+"""EREN config runner (the ``method: eren`` CLI branch) and scripts/eren_eval.py."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repair_pl.eren import HashEncoder
+from repair_pl.eren.run import build_editor, main, run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reader(prompt):
+    """Answers from the note when it names the question's subject, else says so; closed-book
+    prompts get a fixed answer."""
+    question = prompt.rsplit("Question: ", 1)[1].strip()
+    if "Notes:" in prompt:
+        subject = question.split("'s")[0].split()[-1]
+        return "English" if subject in prompt.split("Question:")[0] else "unanswerable"
+    return "French"
+
+
+def cfh_file(tmp_path):
+    rows = [{"id": i, "edit_statement": f"Person{i}'s mother tongue is English.", "subject_name": f"Person{i}",
+             "edit_scope": [[f"What is Person{i}'s mother tongue?", "English"]], "edit_scope_true_ans": ["French"],
+             "unrelated": {"neighbor_subj": [f"What is Other{i}'s mother tongue?"], "same_subj": []},
+             "unrelated_true_ans": {"neighbor_subj": ["French"], "same_subj": []}} for i in range(3)]
+    path = tmp_path / "cfh.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_run_config_writes_results(tmp_path):
+    cfg = {"T": None, "model": {"method": "eren", "k": 2, "prompts": {"irrelevant": ["unanswerable"]}},
+           "data": {"path": str(cfh_file(tmp_path)), "ds_size": 2, "offset": 1},
+           "trainer": {"default_root_dir": str(tmp_path / "out")}}
+    summary = run_config(cfg, reader=reader, encoder=HashEncoder(128), progress=False)
+    assert (summary["es"], summary["bp"], summary["n_edits"], summary["k"]) == (1.0, 1.0, 2, 2)
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"results.json", "summary.json", "summary.md", "notebook"}
+    assert [c["case_id"] for c in json.loads((out / "results.json").read_text())] == [1, 2]
+    assert (out / "notebook" / "notes.jsonl").read_text().count("\n") == 2
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model.prompts"):
+        build_editor({"prompts": {"reed": "x"}}, reader=reader, encoder=HashEncoder(8))
+    with pytest.raises(ValueError, match="method: eren"):
+        run_config({"model": {"method": "wise"}, "data": {"path": "x"}})
+    with pytest.raises(ValueError, match="more records"):
+        run_config({"data": {"path": str(cfh_file(tmp_path)), "ds_size": 5}}, reader=reader, encoder=HashEncoder(8))
+    with pytest.raises(ValueError, match="base_url"):
+        build_editor({"reader": "openai"}, encoder=HashEncoder(8))
+
+
+def test_main_with_overrides(tmp_path, monkeypatch, capsys):
+    import repair_pl.eren.run as run
+
+    config = tmp_path / "eren.yaml"
+    config.write_text(yaml.safe_dump({"model": {"method": "eren", "encoder": "hash:64"},
+                                      "data": {"path": str(cfh_file(tmp_path))},
+                                      "trainer": {"default_root_dir": str(tmp_path / "o")}}))
+    monkeypatch.setattr(run, "build_reader", lambda cfg: reader)
+    summary = main(["--config", str(config), "--set", "model.k=1", "--set", "data.ds_size=2"])
+    assert summary["k"] == 1 and summary["n_edits"] == 2 and "ES 1.0000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["eren_cfh.yaml", "eren_zsre.yaml"])
+def test_shipped_configs_build(name):
+    cfg = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert cfg["model"]["method"] == "eren" and cfg["model"]["k"] == 5
+    editor = build_editor({**cfg["model"], "encoder": "hash"}, reader=reader)
+    assert editor.k == 5
+
+
+def test_eval_script_bench_index(capsys):
+    spec = importlib.util.spec_from_file_location("eren_eval", REPO / "scripts" / "eren_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--bench-index"])
+    out = capsys.readouterr().out
+    assert "top-5 of 10000 x 384, batch 1" in out and "ms/query" in out

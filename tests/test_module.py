@@ -1,0 +1,200 @@
+"""RepairModule on the tiny random Llama: editing, routing, shards, merging, saving."""
+
+import pytest
+import torch
+
+from repair_pl.data import EditRecord
+from repair_pl.evaluate import encode_pairs
+from repair_pl.merge import ties_merge
+from repair_pl.module import RepairModule
+from repair_pl.testing import char_tokenizer, tiny_llama
+
+A = EditRecord("capital of fr?", "xyz", rephrases=("fr capital?",), locality=(("who is bob", "abc"),),
+               routing_prompt="unrelated text here")
+B = EditRecord("ceo of msft?", "qwe", locality=(("what is 2+2", "four"),), routing_prompt="some other thing")
+# Margins scaled to the tiny model's activation norms (SmolLM2's are ~10x larger).
+TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=40, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
+            norm_constraint=None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make(**kwargs) -> RepairModule:
+    return RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, **kwargs})
+
+
+def target_loss(module: RepairModule, record: EditRecord, edited: bool = True) -> float:
+    batch = encode_pairs(module.tokenizer, [record.prompt], [record.target])
+    module.memory.mode = "edit" if edited else "off"  # "edit": side output regardless of routing
+    with torch.no_grad():
+        logits = module(batch.input_ids, batch.attention_mask, batch.prompt_mask)
+    module.memory.mode = "route"
+    labels = batch.input_ids[:, 1:].masked_fill(~batch.answer_mask[:, 1:], -100)
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0], ignore_index=-100))
+
+
+def route_choice(module: RepairModule, prompt: str) -> int:
+    ids = module.tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        module(ids.input_ids, ids.attention_mask)
+    return int(module.memory.last_choice[0])
+
+
+def test_every_edit_trains_its_full_budget():
+    module = make(max_steps=5)
+    first = module.edit(A)
+    side_after_a = module.memory.side.detach().clone()
+    second = module.edit(B)  # a reused Trainer would run 0 steps here (Lightning issue 11425)
+    assert first.steps == 5 and second.steps == 5
+    assert not torch.equal(side_after_a, module.memory.side)
+
+
+def test_edit_lowers_target_loss_and_main_weight_is_untouched():
+    module = make()
+    main_before = module.memory.main.weight.clone()
+    before = target_loss(module, A, edited=False)
+    module.edit(A)
+    assert target_loss(module, A) < 0.5 * before
+    assert torch.equal(module.memory.main.weight, main_before)
+    assert target_loss(module, A, edited=False) == pytest.approx(before)  # "unedited" is one flag away
+
+
+def test_edits_accumulate():
+    module = make()
+    before = target_loss(module, A)
+    module.edit(A)
+    module.edit(B)
+    assert target_loss(module, A) < 0.5 * before  # the second edit did not erase the first
+    only_b = make()
+    only_b.edit(B)
+    assert not torch.equal(only_b.memory.side, module.memory.side)  # no silent restart per edit
+
+
+def test_routing_side_for_edited_prompt_main_for_unrelated():
+    module = make()
+    assert route_choice(module, A.prompt) == -1  # no edit yet: main memory
+    module.edit(A)
+    assert route_choice(module, A.prompt) == 0
+    assert route_choice(module, A.routing_prompt) == -1
+    assert module.memory.epsilon == pytest.approx(module.memory.act_ratio * module.memory.min_in_scope)
+
+
+def test_generate_decides_routing_once_from_the_prompt():
+    module = make()
+    module.edit(A)
+    generated = module.generate([A.prompt], max_new_tokens=6)[0]
+    # Reference: greedy decoding without a KV cache, routing on the prompt tokens only.
+    ids = module.tokenizer([A.prompt], return_tensors="pt").input_ids
+    n_prompt = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(6):
+            route = torch.zeros_like(ids, dtype=torch.bool)
+            route[:, :n_prompt] = True
+            logits = module(ids, torch.ones_like(ids), route)
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    expected = module.tokenizer.decode(ids[0, n_prompt:], skip_special_tokens=True)
+    assert generated == expected
+    assert module.memory.sticky is None  # the per-sequence decision does not leak out of generate()
+
+
+def test_shards_saved_and_merged_at_their_frequencies():
+    module = make(max_steps=2, save_freq=2, merge_freq=4)
+    main = module.memory.main.weight.detach().float()
+    masks = [module.memory.mask.clone()]
+    module.edit(A)
+    assert len(module.memory.shards) == 0
+    module.edit(B)
+    assert len(module.memory.shards) == 1
+    assert torch.equal(module.memory.side.detach(), module.memory.merged)  # restarted from the memory
+    masks.append(module.memory.mask.clone())
+    assert not torch.equal(masks[0], masks[1])  # a new shard gets a new mask
+    module.edit(A)
+    module.edit(B)
+    assert len(module.memory.shards) == 0
+    assert not torch.equal(module.memory.merged, main)
+    assert torch.equal(module.memory.side.detach(), module.memory.merged)
+
+
+def test_merge_is_ties_of_the_shards():
+    module = make(max_steps=2, save_freq=1, merge_freq=2, density=0.53)
+    module.edit(A)
+    module.edit(B)  # merge happens at the end of this edit; capture the shards just before
+    module2 = make(max_steps=2, save_freq=1, merge_freq=None, density=0.53)
+    module2.edit(A)
+    module2.edit(B)
+    base = module2.memory.main.weight.detach().float()
+    expected = ties_merge(base, module2.memory.shards, density=0.53)
+    assert torch.allclose(module.memory.merged, expected)
+
+
+def test_unmerged_shards_stay_visible_to_routing():
+    module = make(save_freq=1)
+    module.edit(A)
+    assert len(module.memory.shards) == 1 and torch.equal(module.memory.side.detach(), module.memory.merged)
+    assert route_choice(module, A.prompt) == 0  # A lives in a stored shard only
+
+
+def test_retrieve_mode_keeps_memories_apart():
+    module = make(max_steps=20, save_freq=1, merge_freq=1, retrieve=True)
+    module.edit(A)
+    module.edit(B)
+    assert len(module.memory.memories) == 2
+    assert route_choice(module, A.prompt) == 0 and route_choice(module, B.prompt) == 1
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    module = make(max_steps=10, save_freq=1)
+    module.edit(A)
+    module.edit(B)
+    module.save_edits(tmp_path / "edits")
+    fresh = make(max_steps=10, save_freq=1)
+    fresh.load_edits(tmp_path / "edits")
+    batch = encode_pairs(module.tokenizer, [A.prompt, B.prompt, "who is bob"], ["xyz", "qwe", "abc"])
+    with torch.no_grad():
+        a = module(batch.input_ids, batch.attention_mask, batch.prompt_mask)
+        b = fresh(batch.input_ids, batch.attention_mask, batch.prompt_mask)
+    assert torch.equal(a, b)
+    assert fresh.edit_count == 2 and fresh.memory.epsilon == module.memory.epsilon
+    assert torch.equal(fresh.memory.mask, module.memory.mask)
+
+
+def test_loading_edits_into_another_model_fails_clearly(tmp_path):
+    module = make(max_steps=2)
+    module.edit(A)
+    module.save_edits(tmp_path / "edits")
+    other = RepairModule(tiny_llama(layers=6), char_tokenizer(), **{**TINY, "layer": 2})
+    with pytest.raises(ValueError, match="6 layers"):
+        other.load_edits(tmp_path / "edits")
+    wider = RepairModule(tiny_llama(hidden=64), char_tokenizer(), **TINY)
+    with pytest.raises(ValueError, match="down projection"):
+        wider.load_edits(tmp_path / "edits")
+    with pytest.raises(FileNotFoundError, match="no saved edits"):
+        module.load_edits(tmp_path / "nothing")
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="model.layer"):
+        make(layer=7)
+    with pytest.raises(ValueError, match="model.method"):
+        make(method="rome")
+
+
+def test_method_none_does_not_edit():
+    module = make(method="none")
+    side = module.memory.side.detach().clone()
+    result = module.edit(A)
+    assert result.steps == 0 and torch.equal(side, module.memory.side)
+
+
+def test_reset_edits_restores_the_unedited_model():
+    module = make(max_steps=5, save_freq=1)
+    module.edit(A)
+    module.reset_edits()
+    assert module.memory.min_in_scope is None and module.memory.shards == [] and module.edit_count == 0
+    assert torch.equal(module.memory.side.detach(), module.memory.main.weight.float())
