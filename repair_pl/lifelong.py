@@ -63,14 +63,20 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
     pre = evaluate_records(module.logits_fn(edited=False), tok, records, batch_size=batch, max_length=max_length,
                            device=device, progress=progress)
     _report("pre-edit", pre.means)
-    results, steps, seconds, failed = [], 0, 0.0, 0
+    results, steps, seconds = [], 0, 0.0
     for start in range(0, len(records), T):
         chunk = records[start: start + T]
         module.reset_edits()
-        edits = []
+        # REPAIR may reorder a batch and re-edit records: gather each record's edits by identity.
+        edits: dict[int, dict] = {id(r): {"steps": 0, "seconds": 0.0, "loss": None, "success": False, "retries": 0}
+                                  for r in chunk}
         for i, (record, result) in enumerate(module.edit_stream(chunk, progress=progress)):
-            edits.append(result)
-            steps, seconds, failed = steps + result.steps, seconds + result.seconds, failed + (not result.success)
+            info = edits[id(record)]
+            info["steps"] += result.steps
+            info["seconds"] += result.seconds
+            info["loss"], info["success"] = result.loss, result.success
+            info["retries"] += int(result.retry)
+            steps, seconds = steps + result.steps, seconds + result.seconds
             if logger is not None:
                 logger.log_metrics({"edit/loss": result.loss, "edit/edit_loss": result.edit_loss,
                                     "edit/routing_loss": result.routing_loss, "edit/steps": result.steps,
@@ -79,14 +85,14 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
         post = evaluate_records(module.logits_fn(edited=True), tok, chunk, reference=pre.locality_preds[start: start + T],
                                 batch_size=batch, max_length=max_length, device=device, progress=progress)
         for i, record in enumerate(chunk):
-            r = edits[i]
             results.append({"case_id": record.case_id, "requested_rewrite": record.requested_rewrite(),
-                            "pre": pre.cases[start + i], "post": post.cases[i],
-                            "edit": {"steps": r.steps, "seconds": r.seconds, "loss": r.loss, "success": r.success}})
+                            "pre": pre.cases[start + i], "post": post.cases[i], "edit": edits[id(record)]})
+    failed = sum(not case["edit"]["success"] for case in results) if module.method != "none" else 0
     n = len(records)
     summary = {"method": module.method, "dataset": dataset, "T": T, "n_edits": n,
                "pre": case_means([c["pre"] for c in results]), "post": case_means([c["post"] for c in results]),
-               "seconds_per_edit": seconds / n, "steps_per_edit": steps / n, "n_failed": failed}
+               "seconds_per_edit": seconds / n, "steps_per_edit": steps / n, "n_failed": failed,
+               "interventions": module.intervention_counts()}
     _report("post-edit", summary["post"])
     _write_json(out / "results.json", results)
     _write_json(out / "summary.json", summary)

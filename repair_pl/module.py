@@ -33,6 +33,7 @@ class EditResult:
     seconds: float
     in_scope_score: float
     success: bool = True
+    retry: bool = False  # a re-edit by error feedback
 
 
 class _Repeat(Dataset):
@@ -77,6 +78,19 @@ class RepairModule(L.LightningModule):
         n_negatives: also hold down the scores of the routing prompts of up to N earlier edits
             (ours; WISE uses only the edit's own). As edits accumulate, the side memory drifts
             on all text; a short replay of negatives keeps unrelated scores low (locality).
+        progressive, closed_loop, distribution_aware, error_feedback: REPAIR's components
+            (:mod:`repair_pl.callbacks`); ``None`` means on for ``method="repair"`` and off for
+            ``"wise"``. Switch one off for an ablation.
+        loss_aware_merge: with distribution-aware memory, weigh shards by 1/(final loss + eps).
+        decay_factor, threshold, min_intervention, stop_loss, routing_tolerance: see
+            :class:`~repair_pl.callbacks.ProgressiveIntervention`.
+        stagnation_window, divergence_factor, max_rollbacks: see
+            :class:`~repair_pl.callbacks.ClosedLoopFeedback`.
+        cluster_size, cluster_method, heterogeneous: see
+            :class:`~repair_pl.callbacks.DistributionAwareMemory`.
+        tau_prune, max_retries: see :class:`~repair_pl.callbacks.ErrorFeedback`.
+        edit_batch_size: REPAIR edits the stream in batches of this many records (clustered
+            inside, merged and re-checked between batches); ``None``: the whole chunk.
         dtype: dtype of the frozen model (the side memory is always fp32).
         eval_batch_size: batch size of evaluation.
         max_length: longest sequence in tokens (prompts are cut from the left past it).
@@ -89,6 +103,14 @@ class RepairModule(L.LightningModule):
                  mask_ratio: float = 0.2, norm_constraint: float | None = 1.0, n_prefixes: int = 10,
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
+                 progressive: bool | None = None, closed_loop: bool | None = None,
+                 distribution_aware: bool | None = None, error_feedback: bool | None = None,
+                 loss_aware_merge: bool = True, decay_factor: float = 0.95, threshold: float = 0.01,
+                 min_intervention: float = 0.1, stop_loss: float | None = None,
+                 routing_tolerance: float = float("inf"), stagnation_window: int = 5,
+                 divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
+                 cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
+                 max_retries: int = 2, edit_batch_size: int | None = None,
                  dtype: str = "float32", eval_batch_size: int = 16, max_length: int | None = 256,
                  seed: int = 0):
         super().__init__()
@@ -117,11 +139,16 @@ class RepairModule(L.LightningModule):
         self.edit_count = 0
         self.prefixes: list[str] | None = None
         self.trainer_kwargs: dict[str, Any] = {"accelerator": "auto", "devices": 1}
-        self.edit_callbacks: list[L.Callback] = []
-        self._start_weight: Tensor | None = None
+        self.edit_callbacks: list[L.Callback] = self._build_callbacks()
+        self.intervention = 1.0
+        self.edit_failed: str | None = None
+        self.step_stats: dict[str, float] = {}
+        self.shard_plan: list[list[EditRecord]] | None = None
+        self.edit_start_weight: Tensor | None = None
         self._lower: tuple[tuple, dict] | None = None
         self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
-        self._last: dict[str, float] = {}
+        self._retries: list[tuple[EditRecord, EditResult]] = []
+        self.step_stats: dict[str, float] = {}
 
     # ---- forward / inference -----------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -270,9 +297,9 @@ class RepairModule(L.LightningModule):
             self._lower = self.lower_states(batch)
         out = self.edit_losses(batch, self._lower)
         # Share the step's numbers with callbacks (they decide decay, stopping and rollback).
-        self._last = {k: float(out[k].detach()) for k in ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope",
+        self.step_stats = {k: float(out[k].detach()) for k in ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope",
                                                  "target_correct")}
-        self.log_dict({f"edit/{k}": v for k, v in self._last.items()}, on_step=True, prog_bar=False, logger=True)
+        self.log_dict({f"edit/{k}": v for k, v in self.step_stats.items()}, on_step=True, prog_bar=False, logger=True)
         return out["loss"]
 
     def on_after_backward(self) -> None:
@@ -280,13 +307,64 @@ class RepairModule(L.LightningModule):
             self.memory.side.grad.mul_(self.memory.mask)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.hparams.norm_constraint is not None and self._start_weight is not None:
+        if self.hparams.norm_constraint is not None and self.edit_start_weight is not None:
             c = self.hparams.norm_constraint
             with torch.no_grad():
-                self.memory.side.copy_(torch.clamp(self.memory.side, self._start_weight - c, self._start_weight + c))
+                self.memory.side.copy_(torch.clamp(self.memory.side, self.edit_start_weight - c, self.edit_start_weight + c))
 
     def configure_optimizers(self):
-        return torch.optim.SGD([self.memory.side], lr=self.hparams.lr)
+        optimizer = torch.optim.SGD([self.memory.side], lr=self.hparams.lr)
+        optimizer.param_groups[0]["base_lr"] = self.hparams.lr  # callbacks scale from here
+        return optimizer
+
+    def apply_lr(self, trainer) -> None:
+        """Set the learning rate to ``base_lr x intervention`` (callbacks change either factor)."""
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = group["base_lr"] * self.intervention
+
+    def fail_edit(self, reason: str) -> None:
+        """Undo the edit in progress: the side memory returns bit-identical to before it."""
+        with torch.no_grad():
+            self.memory.side.copy_(self.edit_start_weight)
+        self.edit_failed = reason
+
+    def _build_callbacks(self) -> list[L.Callback]:
+        """REPAIR's components from the flags (``None`` = on for ``repair``, off otherwise)."""
+        from repair_pl.callbacks import (ClosedLoopFeedback, DistributionAwareMemory, ErrorFeedback,
+                                         MemoryMerging, ProgressiveIntervention)
+
+        hp = self.hparams
+
+        def on(flag):
+            return self.method == "repair" if flag is None else bool(flag)
+
+        callbacks: list[L.Callback] = []
+        if on(hp.closed_loop):
+            callbacks.append(ClosedLoopFeedback(window=hp.stagnation_window, divergence_factor=hp.divergence_factor,
+                                                max_rollbacks=hp.max_rollbacks))
+        if on(hp.progressive):  # after closed loop: it applies the final lr of the step
+            callbacks.append(ProgressiveIntervention(hp.decay_factor, hp.threshold, hp.min_intervention,
+                                                     stop_loss=hp.stop_loss, routing_tolerance=hp.routing_tolerance))
+        if on(hp.distribution_aware):
+            callbacks.append(DistributionAwareMemory(hp.cluster_size, method=hp.cluster_method,
+                                                     heterogeneous=hp.heterogeneous, seed=hp.seed))
+            callbacks.append(MemoryMerging(loss_aware=hp.loss_aware_merge))
+        if on(hp.error_feedback):  # after merging: re-checks the merged memory
+            callbacks.append(ErrorFeedback(tau_prune=hp.tau_prune, max_retries=hp.max_retries))
+        return callbacks
+
+    def _stream_callbacks(self):
+        from repair_pl.callbacks import EditStreamCallback
+
+        return [cb for cb in self.edit_callbacks if isinstance(cb, EditStreamCallback)]
+
+    def intervention_counts(self) -> dict[str, int]:
+        """Counts of every intervention the callbacks made in this run."""
+        counts: dict[str, int] = {}
+        for cb in self.edit_callbacks:
+            for key, value in getattr(cb, "counts", {}).items():
+                counts[key] = counts.get(key, 0) + value
+        return counts
 
     def parameters_to_save(self) -> dict[str, Tensor]:
         return {"side": self.memory.side}
@@ -299,14 +377,19 @@ class RepairModule(L.LightningModule):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=list(self.edit_callbacks), **self.trainer_kwargs)
 
-    def edit(self, record: EditRecord) -> EditResult:
-        """Apply one edit: a short ``fit`` on the side memory, then update routing and shards."""
+    def edit(self, record: EditRecord, retry: bool = False) -> EditResult:
+        """Apply one edit: a short ``fit`` on the side memory, then update routing and shards.
+        A failed edit (see :class:`~repair_pl.callbacks.ClosedLoopFeedback`) leaves the side
+        memory exactly as before it."""
         start = time.perf_counter()
         if self.method == "none":
             return EditResult(0, 0.0, 0.0, 0.0, 0.0, 0.0, success=False)
+        streams = self._stream_callbacks()
+        for cb in streams:
+            cb.on_edit_start(self, record)
         batch = self.prepare_edit(record)
-        self._start_weight = self.memory.side.detach().clone()
-        self._lower = None
+        self.edit_start_weight = self.memory.side.detach().clone()
+        self._lower, self.edit_failed, self.intervention, self.step_stats = None, None, 1.0, {}
         self.memory.mode = "edit"
         self.memory.invalidate()
         with _quiet_lightning():
@@ -316,16 +399,28 @@ class RepairModule(L.LightningModule):
         self.eval()
         self.memory.mode = "route"
         self.memory.invalidate()
-        success = getattr(self, "_edit_failed", False) is False
+        success = self.edit_failed is None
         score = self.in_scope_score(record) if success else float("nan")
         if success:
             self.memory.record_in_scope(score)
-        self._start_weight, self._lower = None, None
-        self.edit_count += 1
-        self._after_edit()
-        last = self._last
-        return EditResult(steps, last.get("loss", float("nan")), last.get("edit_loss", float("nan")),
-                          last.get("routing_loss", float("nan")), time.perf_counter() - start, score, success)
+            self.memory.note_edit_loss(self.step_stats.get("edit_loss", 0.0))
+        self.edit_start_weight, self._lower = None, None
+        last = self.step_stats
+        result = EditResult(steps, last.get("loss", float("nan")), last.get("edit_loss", float("nan")),
+                            last.get("routing_loss", float("nan")), time.perf_counter() - start, score, success,
+                            retry)
+        if not retry:
+            self.edit_count += 1
+            self._after_edit()
+        for cb in streams:
+            cb.on_edit_end(self, record, result)
+        return result
+
+    def reedit(self, record: EditRecord) -> EditResult:
+        """Edit a record again (error feedback); it does not count as a new edit."""
+        result = self.edit(record, retry=True)
+        self._retries.append((record, result))
+        return result
 
     def _after_edit(self) -> None:
         hp = self.hparams
@@ -346,18 +441,37 @@ class RepairModule(L.LightningModule):
             self.memory.mode = previous
         return float(self.memory.last_scores[0])
 
-    def edit_stream(self, records, progress: bool = True):
-        """Edit ``records`` one after another (they accumulate); yields ``(record, EditResult)``."""
-        iterator = records
+    def edit_stream(self, records: list[EditRecord], progress: bool = True):
+        """Edit ``records`` one after another (they accumulate); yields ``(record, EditResult)``
+        per edit, and again for every re-edit by error feedback (``result.retry`` is True).
+
+        The stream is taken in batches of ``edit_batch_size``; REPAIR's callbacks may reorder a
+        batch (clustering) and merge and re-check between batches."""
+        streams = self._stream_callbacks()
+        size = self.hparams.edit_batch_size or len(records)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(records, desc="editing", unit="edit")
-        for record in iterator:
-            result = self.edit(record)
-            if progress:
-                iterator.set_postfix(loss=f"{result.edit_loss:.3f}", steps=result.steps)
-            yield record, result
+            bar = tqdm(total=len(records), desc="editing", unit="edit")
+        for start in range(0, len(records), size):
+            batch = list(records[start: start + size])
+            self.shard_plan, self._retries = None, []
+            for cb in streams:
+                batch = cb.on_edit_batch_start(self, batch)
+            results = []
+            for record in batch:
+                result = self.edit(record)
+                results.append(result)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result.edit_loss:.3f}", steps=result.steps)
+                yield record, result
+            for cb in streams:
+                cb.on_edit_batch_end(self, batch, results)
+            yield from self._retries
+        if bar is not None:
+            bar.close()
 
     def reset_edits(self) -> None:
         """Forget every edit: the side memory becomes a fresh copy of the main weight."""
@@ -367,6 +481,7 @@ class RepairModule(L.LightningModule):
             memory.side.copy_(weight)
         memory.merged, memory.shards, memory.memories, memory.memory_scales = weight.clone(), [], [], []
         memory.min_in_scope = memory.period_min = None
+        memory.shard_losses, memory.current_losses = [], []
         memory.invalidate()
         self._negatives.clear()
         memory.new_mask()

@@ -44,6 +44,8 @@ class SideMemory(nn.Module):
         self.register_buffer("merged", weight.clone(), persistent=False)
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
         self.shards: list[Tensor] = []  # stored, not yet merged
+        self.shard_losses: list[float] = []  # mean final edit loss of each stored shard
+        self.current_losses: list[float] = []  # final losses of the edits in the current shard
         self.memories: list[Tensor] = []  # WISE-Retrieve: finished merged memories
         self.memory_scales: list[float] = []  # their min in-scope scores (retrieve compares ratios)
         self.period_min: float | None = None  # min in-scope score since the last retrieve merge
@@ -74,19 +76,33 @@ class SideMemory(nn.Module):
         self.min_in_scope = score if self.min_in_scope is None else min(self.min_in_scope, score)
         self.period_min = score if self.period_min is None else min(self.period_min, score)
 
+    def note_edit_loss(self, loss: float) -> None:
+        """Remember an edit's final loss for loss-aware merging of its shard."""
+        self.current_losses.append(loss)
+
+    def _mean_current_loss(self) -> float:
+        return sum(self.current_losses) / len(self.current_losses) if self.current_losses else 0.0
+
     def save_shard(self) -> None:
         """Store ``W'`` as a shard and restart it from the merged memory with a new mask."""
         self.shards.append(self.side.detach().clone())
+        self.shard_losses.append(self._mean_current_loss())
+        self.current_losses = []
         with torch.no_grad():
             self.side.copy_(self.merged)
         self.new_mask()
         self._view = None
 
-    def merge_shards(self, weights: list[float] | None = None) -> None:
-        """Merge stored shards and the current ``W'`` into the side memory."""
+    def merge_shards(self, weights: list[float] | None = None, loss_aware: bool = False, eps: float = 0.05) -> None:
+        """Merge stored shards and the current ``W'`` into the side memory; ``loss_aware``
+        weighs each shard by 1 / (its edits' mean final loss + eps), normalised to mean 1."""
         pending = self._pending()
         if not pending:
             return
+        if loss_aware and weights is None:
+            losses = self.shard_losses + ([self._mean_current_loss()] if len(pending) > len(self.shards) else [])
+            inverse = [1.0 / (loss + eps) for loss in losses]
+            weights = [w * len(inverse) / sum(inverse) for w in inverse]
         merged = merge(self.merge_method, self.merged, pending, weights, density=self.density,
                        generator=self._generator if self.merge_method == "dare_ties" else None)
         if self.retrieve:  # keep the merged memory apart; the next one starts from W
@@ -94,6 +110,7 @@ class SideMemory(nn.Module):
             self.memory_scales.append(self.period_min if self.period_min is not None else 1.0)
             merged, self.period_min = self.main.weight.detach().float().clone(), None
         self.merged, self.shards, self._view = merged, [], None
+        self.shard_losses, self.current_losses = [], []
         with torch.no_grad():
             self.side.copy_(merged)
         self.new_mask()

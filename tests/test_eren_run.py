@@ -64,8 +64,27 @@ def test_main_with_overrides(tmp_path, monkeypatch, capsys):
                                       "data": {"path": str(cfh_file(tmp_path))},
                                       "trainer": {"default_root_dir": str(tmp_path / "o")}}))
     monkeypatch.setattr(run, "build_reader", lambda cfg: reader)
-    summary = main(["--config", str(config), "--set", "model.k=1", "--set", "data.ds_size=2"])
+    summary = main(["fit", "--config", str(config), "--model.k", "1", "--set", "data.ds_size=2"])
     assert summary["k"] == 1 and summary["n_edits"] == 2 and "ES 1.0000" in capsys.readouterr().out
+    assert main(["--config=" + str(config), "--data.ds_size=3", "--T", "1"])["T"] == 1
+    with pytest.raises(SystemExit, match="needs --config"):
+        main(["fit"])
+    with pytest.raises(SystemExit, match="unexpected argument"):
+        main(["--config", str(config), "stray"])
+
+
+def test_is_eren_invocation(tmp_path):
+    from repair_pl.eren.run import is_eren_invocation
+
+    eren, wise = tmp_path / "e.yaml", tmp_path / "w.yaml"
+    eren.write_text("model:\n  method: eren\n")
+    wise.write_text("model:\n  method: wise\n")
+    assert is_eren_invocation(["fit", "--config", str(eren)])
+    assert is_eren_invocation(["fit", f"--config={REPO / 'configs' / 'eren_zsre.yaml'}"])
+    assert not is_eren_invocation(["fit", "--config", str(wise)])
+    assert is_eren_invocation(["fit", "--config", str(wise), "--model.method=eren"])
+    assert not is_eren_invocation(["fit", "--config", str(tmp_path / "missing.yaml")])
+    assert not is_eren_invocation(["fit", "--config", str(REPO / "configs" / "zsre.yaml")])
 
 
 @pytest.mark.parametrize("name", ["eren_cfh.yaml", "eren_zsre.yaml"])

@@ -21,7 +21,6 @@ Config shape (see ``configs/eren_cfh.yaml``)::
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -97,18 +96,91 @@ def run_config(cfg: dict, reader=None, encoder=None, progress: bool = True) -> d
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """``--config FILE.yaml`` [``--set key.sub=value`` ...]: run EREN from a config."""
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def _overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """``--a.b=v`` / ``--a.b v`` pairs (LightningCLI style) and ``--set a.b=v``."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("fit", "--config"):
+            i += 2 if arg == "--config" else 1
+            continue
+        if arg.startswith("--config="):
+            i += 1
+            continue
+        if arg == "--set" and i + 1 < len(argv):
+            key, _, value = argv[i + 1].partition("=")
+            pairs.append((key, value))
+            i += 2
+            continue
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"option {arg} needs a value")
+                value, i = argv[i + 1], i + 1
+            pairs.append((key, value))
+            i += 1
+            continue
+        raise SystemExit(f"unexpected argument {arg!r}; usage: [fit] --config FILE.yaml [--key.sub VALUE ...]")
+    return pairs
+
+
+def is_eren_invocation(argv: list[str]) -> bool:
+    """Whether a command line (``[fit] --config X.yaml ...``) asks for ``model.method: eren``;
+    the project's CLI sends such command lines to :func:`main`."""
     import yaml
 
-    parser = argparse.ArgumentParser(description="Run EREN (edit by reading notes) from a YAML config.")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry, e.g. --set model.k=3 (value parsed as YAML)")
-    args = parser.parse_args(argv)
-    cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-    for item in args.set:
-        key, _, value = item.partition("=")
+    method = None
+    for path in _config_paths(argv):
+        try:
+            method = ((yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}).get("method", method)
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    for key, value in _overrides_quiet(argv):
+        if key == "model.method":
+            method = value
+    return method == "eren"
+
+
+def _overrides_quiet(argv: list[str]) -> list[tuple[str, str]]:
+    try:
+        return _overrides(argv)
+    except SystemExit:
+        return []
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``[fit] --config FILE.yaml [--model.k 3 --T 100 --set data.ds_size=50 ...]``: run EREN.
+
+    Overrides are dotted config keys; values are parsed as YAML. Several ``--config`` files are
+    merged in order (later keys win, section by section).
+    """
+    import sys
+
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(main.__doc__)
+        return {}
+    paths = _config_paths(argv)
+    if not paths:
+        raise SystemExit("EREN needs --config FILE.yaml (see configs/eren_cfh.yaml)")
+    cfg: dict = {}
+    for path in paths:
+        for key, value in (yaml.safe_load(Path(path).read_text()) or {}).items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    for key, value in _overrides(argv):
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:
@@ -117,4 +189,5 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_config(cfg)
     print(f"ES {summary['es']:.4f}  BP {summary['bp']:.4f}  EQ {summary['eq']:.4f}  "
           f"seconds/query {summary['seconds_per_query']:.3f}", flush=True)
+    print(f"summary: {Path(cfg.get('trainer', {}).get('default_root_dir', 'runs/eren')) / 'summary.json'}", flush=True)
     return summary

@@ -1,0 +1,93 @@
+"""Closed-loop feedback: react to stagnation and divergence while an edit trains."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from repair_pl.callbacks.base import EditStreamCallback
+
+
+class ClosedLoopFeedback(EditStreamCallback):
+    """Watch loss, gradient norm and the routing margin every step of an edit.
+
+    - Stagnation: the loss improved by less than ``stagnation_tol`` (relative) over the last
+      ``window`` steps -> the learning rate is multiplied by ``lr_up`` (at most ``max_lr_factor``
+      times the configured one).
+    - Divergence: the loss is NaN/inf, the gradient is non-finite, or the loss exceeds
+      ``divergence_factor`` x its best value of this edit -> the side memory rolls back to the
+      last good in-memory checkpoint of this edit (the weights at the best loss), the learning
+      rate is multiplied by ``lr_down``, and training goes on. A non-finite gradient is zeroed
+      before the optimiser can apply it.
+    - Failure: after more than ``max_rollbacks`` rollbacks, or when the budget ends without the
+      target predicted correctly, the whole edit is undone (the side memory is bit-identical to
+      before it) and reported as failed.
+
+    ``counts`` holds the interventions of the whole run (stagnations, rollbacks, failed edits).
+    """
+
+    def __init__(self, window: int = 5, stagnation_tol: float = 0.01, lr_up: float = 1.5, max_lr_factor: float = 4.0,
+                 divergence_factor: float = 3.0, lr_down: float = 0.5, max_rollbacks: int = 3,
+                 fail_unconverged: bool = True):
+        self.window, self.stagnation_tol, self.lr_up, self.max_lr_factor = window, stagnation_tol, lr_up, max_lr_factor
+        self.divergence_factor, self.lr_down, self.max_rollbacks = divergence_factor, lr_down, max_rollbacks
+        self.fail_unconverged = fail_unconverged
+        self.counts = {"stagnations": 0, "divergences": 0, "rollbacks": 0, "failed_edits": 0}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses: list[float] = []
+        self.best, self.good, self.rollbacks, self.grad_bad, self.last_stagnation = math.inf, None, 0, False, 0
+
+    def on_edit_start(self, module, record) -> None:
+        self._reset()
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        grad = module.memory.side.grad
+        self.grad_norm = float(grad.norm()) if grad is not None else 0.0
+        self.grad_bad = not math.isfinite(self.grad_norm)
+        if self.grad_bad:
+            grad.zero_()  # never let a NaN/inf gradient reach the weights
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = module.step_stats["loss"]
+        diverged = self.grad_bad or not math.isfinite(loss) or (
+            self.good is not None and loss > self.divergence_factor * max(self.best, 1e-3))
+        if diverged:
+            self.counts["divergences"] += 1
+            self._rollback(trainer, module)
+            return
+        self.losses.append(loss)
+        if loss < self.best:
+            self.best, self.good = loss, module.memory.side.detach().clone()
+        n = len(self.losses)
+        if n > self.window and n - self.last_stagnation >= self.window:
+            old = self.losses[-self.window - 1]
+            if old > 0 and (old - loss) / old < self.stagnation_tol:
+                self.counts["stagnations"] += 1
+                self.last_stagnation = n
+                self._scale_lr(trainer, module, self.lr_up)
+
+    def _rollback(self, trainer, module) -> None:
+        self.rollbacks += 1
+        self.counts["rollbacks"] += 1
+        if self.rollbacks > self.max_rollbacks:
+            module.fail_edit("diverged repeatedly")
+            trainer.should_stop = True
+            return
+        with torch.no_grad():
+            module.memory.side.copy_(self.good if self.good is not None else module.edit_start_weight)
+        self._scale_lr(trainer, module, self.lr_down)
+
+    def _scale_lr(self, trainer, module, factor: float) -> None:
+        for group in trainer.optimizers[0].param_groups:
+            limit = module.hparams.lr * self.max_lr_factor
+            group["base_lr"] = min(group["base_lr"] * factor, limit)
+        module.apply_lr(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        if module.edit_failed is None and self.fail_unconverged and module.step_stats.get("target_correct") != 1.0:
+            module.fail_edit("target not reached within the step budget")
+        if module.edit_failed is not None:
+            self.counts["failed_edits"] += 1

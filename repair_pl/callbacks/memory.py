@@ -1,0 +1,101 @@
+"""Between batches of edits: distribution-aware sharding, merging, and error feedback."""
+
+from __future__ import annotations
+
+import torch
+
+from repair_pl.callbacks.base import EditStreamCallback
+from repair_pl.clustering import cluster_labels, default_clusters, embed_prompts, plan_shards
+from repair_pl.evaluate import encode_pairs, predict_answers
+
+
+class DistributionAwareMemory(EditStreamCallback):
+    """Before a batch of edits: embed the prompts (hidden states of the frozen model at the
+    edited layer), cluster them, and edit cluster by cluster, one shard per cluster, so that
+    each shard holds semantically similar edits. ``heterogeneous=True`` deliberately mixes
+    clusters across shards (the ablation)."""
+
+    def __init__(self, cluster_size: int = 5, n_clusters: int | None = None, method: str = "kmeans",
+                 heterogeneous: bool = False, seed: int = 0):
+        self.cluster_size, self.n_clusters, self.method = cluster_size, n_clusters, method
+        self.heterogeneous, self.seed = heterogeneous, seed
+        self.shard_ends: set[int] = set()
+        self.plan: list[list] = []
+        self._done = 0
+
+    def on_edit_batch_start(self, module, records: list) -> list:
+        k = self.n_clusters or default_clusters(len(records), self.cluster_size)
+        labels = cluster_labels(embed_prompts(module, [r.prompt for r in records]), k, self.method, self.seed)
+        self.plan = plan_shards(records, labels, self.heterogeneous)
+        ends, total = set(), 0
+        for group in self.plan:
+            total += len(group)
+            ends.add(total)
+        self.shard_ends, self._done = ends, 0
+        module.shard_plan = self.plan
+        return [r for group in self.plan for r in group]
+
+    def on_edit_end(self, module, record, result) -> None:
+        if result.retry:
+            return
+        self._done += 1
+        if self._done in self.shard_ends:
+            module.memory.save_shard()
+
+
+class MemoryMerging(EditStreamCallback):
+    """After a batch of edits, merge the stored shards (and the current one) into the side
+    memory (TIES by default, the module's ``merge_method``); with ``loss_aware`` shards whose
+    edits ended with a lower loss weigh more (weight = 1 / (mean final loss + eps))."""
+
+    def __init__(self, loss_aware: bool = True, eps: float = 0.05):
+        self.loss_aware, self.eps = loss_aware, eps
+
+    def on_edit_batch_end(self, module, records: list, results: list) -> None:
+        module.memory.merge_shards(loss_aware=self.loss_aware, eps=self.eps)
+
+
+@torch.no_grad()
+def rewrite_correct(module, records: list) -> list[bool]:
+    """Whether each record's target is fully predicted (teacher-forced) by the routed model."""
+    out = []
+    fn = module.logits_fn(edited=True)
+    for start in range(0, len(records), module.hparams.eval_batch_size):
+        chunk = records[start: start + module.hparams.eval_batch_size]
+        batch = encode_pairs(module.tokenizer, [r.prompt for r in chunk], [r.target for r in chunk],
+                             module.hparams.max_length).to(module.device)
+        preds, target, mask = predict_answers(fn, batch)
+        out += (((preds == target) | ~mask).all(-1)).tolist()
+    return out
+
+
+class ErrorFeedback(EditStreamCallback):
+    """After a batch is merged, re-check its edits through the routed model. A shard whose error
+    rate exceeds ``tau_prune`` is re-initialised: all its edits are re-edited; other failed edits
+    are re-edited one by one ("reintegration"), then merged again; at most ``max_retries`` rounds.
+    ``counts`` says how many edits needed it and how many still fail."""
+
+    def __init__(self, tau_prune: float = 0.5, max_retries: int = 2):
+        self.tau_prune, self.max_retries = tau_prune, max_retries
+        self.counts = {"reintegrated": 0, "pruned_shards": 0, "still_failing": 0}
+
+    def on_edit_batch_end(self, module, records: list, results: list) -> None:
+        shards = getattr(module, "shard_plan", None) or [records]
+        for round_ in range(self.max_retries):
+            correct = dict(zip(map(id, records), rewrite_correct(module, records)))
+            redo = []
+            for group in shards:
+                errors = [r for r in group if not correct[id(r)]]
+                if len(group) > 1 and len(errors) / len(group) > self.tau_prune:
+                    self.counts["pruned_shards"] += 1
+                    redo += group
+                else:
+                    redo += errors
+            if not redo:
+                return
+            self.counts["reintegrated"] += len(redo)
+            for record in redo:
+                module.reedit(record)
+            module.memory.merge_shards(loss_aware=False)
+            shards = [redo]
+        self.counts["still_failing"] += sum(not ok for ok in rewrite_correct(module, records))

@@ -1,0 +1,214 @@
+"""REPAIR's callbacks driven by scripted loss sequences, and on the tiny model."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from repair_pl.callbacks import ClosedLoopFeedback, ProgressiveIntervention
+from repair_pl.clustering import cluster_labels, plan_shards
+from repair_pl.data import EditRecord
+from repair_pl.module import RepairModule
+from repair_pl.testing import char_tokenizer, tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class FakeModule:
+    """The parts of RepairModule the callbacks use, with scripted step statistics."""
+
+    def __init__(self, lr=1.0):
+        self.hparams = SimpleNamespace(lr=lr)
+        self.memory = SimpleNamespace(side=torch.nn.Parameter(torch.zeros(3)))
+        self.edit_start_weight = self.memory.side.detach().clone()
+        self.intervention, self.edit_failed, self.step_stats = 1.0, None, {}
+
+    apply_lr = RepairModule.apply_lr
+    fail_edit = RepairModule.fail_edit
+
+
+def fake_trainer(lr=1.0):
+    return SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": lr, "base_lr": lr}])], should_stop=False)
+
+
+def step(cb, trainer, module, loss, edit_loss=None, correct=0.0, routing=0.0, weights=None):
+    if weights is not None:
+        with torch.no_grad():
+            module.memory.side.copy_(torch.tensor(weights))
+    module.step_stats = {"loss": loss, "edit_loss": loss if edit_loss is None else edit_loss,
+                         "target_correct": correct, "routing_loss": routing}
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+
+
+def test_progressive_decays_below_threshold_with_a_floor():
+    cb, module, trainer = ProgressiveIntervention(decay_factor=0.5, threshold=0.01, min_intervention=0.1,
+                                                  early_stop=False), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    for loss in [0.5, 0.2, 0.005, 0.005, 0.005, 0.005, 0.005]:
+        step(cb, trainer, module, loss)
+    assert cb.history == [1.0, 1.0, 0.5, 0.25, 0.125, 0.1, 0.1]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)
+    cb.on_edit_start(module, None)  # a new edit starts at full strength again
+    assert cb.strength == 1.0 and module.intervention == 1.0
+
+
+def test_progressive_early_stop_needs_correct_target_and_low_loss():
+    cb, module, trainer = ProgressiveIntervention(threshold=0.01), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    step(cb, trainer, module, 0.005, correct=0.0)
+    assert not trainer.should_stop
+    step(cb, trainer, module, 0.05, correct=1.0)
+    assert not trainer.should_stop
+    step(cb, trainer, module, 0.005, correct=1.0)
+    assert trainer.should_stop
+
+
+def test_progressive_early_stop_waits_for_routing_when_asked():
+    cb, module, trainer = ProgressiveIntervention(threshold=0.01, routing_tolerance=0.5), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    step(cb, trainer, module, 0.005, correct=1.0, routing=2.0)
+    assert not trainer.should_stop
+    step(cb, trainer, module, 0.005, correct=1.0, routing=0.1)
+    assert trainer.should_stop
+
+
+def test_stagnation_raises_lr_within_bounds():
+    cb, module, trainer = ClosedLoopFeedback(window=3, lr_up=2.0, max_lr_factor=4.0), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    for _ in range(20):
+        step(cb, trainer, module, 1.0)
+    group = trainer.optimizers[0].param_groups[0]
+    assert cb.counts["stagnations"] >= 2
+    assert group["base_lr"] == 4.0 and group["lr"] == 4.0  # capped at max_lr_factor x lr
+
+
+def test_improving_loss_is_not_stagnation():
+    cb, module, trainer = ClosedLoopFeedback(window=3), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    for i in range(20):
+        step(cb, trainer, module, 1.0 * 0.8 ** i)
+    assert cb.counts["stagnations"] == 0 and trainer.optimizers[0].param_groups[0]["lr"] == 1.0
+
+
+@pytest.mark.parametrize("bad_loss", [10.0, math.nan, math.inf])
+def test_divergence_rolls_back_to_the_best_weights_and_lowers_lr(bad_loss):
+    cb, module, trainer = ClosedLoopFeedback(divergence_factor=3.0, lr_down=0.5), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    step(cb, trainer, module, 2.0, weights=[1.0, 1.0, 1.0])
+    step(cb, trainer, module, 1.0, weights=[2.0, 2.0, 2.0])  # best so far: the good checkpoint
+    step(cb, trainer, module, 1.5, weights=[3.0, 3.0, 3.0])
+    step(cb, trainer, module, bad_loss, weights=[9.0, 9.0, 9.0])
+    assert torch.equal(module.memory.side.detach(), torch.tensor([2.0, 2.0, 2.0]))
+    assert cb.counts["divergences"] == 1 and cb.counts["rollbacks"] == 1
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5
+    assert not trainer.should_stop and module.edit_failed is None  # training goes on
+
+
+def test_non_finite_gradient_never_reaches_the_weights():
+    cb, module = ClosedLoopFeedback(), FakeModule()
+    cb.on_edit_start(module, None)
+    module.memory.side.grad = torch.tensor([1.0, math.nan, 0.0])
+    cb.on_before_optimizer_step(None, module, None)
+    assert torch.equal(module.memory.side.grad, torch.zeros(3)) and cb.grad_bad
+
+
+def test_repeated_divergence_fails_the_edit_bit_identically():
+    cb, module, trainer = ClosedLoopFeedback(max_rollbacks=2), FakeModule(), fake_trainer()
+    module.edit_start_weight = torch.tensor([0.1, 0.2, 0.3])
+    cb.on_edit_start(module, None)
+    step(cb, trainer, module, 1.0, weights=[5.0, 5.0, 5.0])
+    for _ in range(3):
+        step(cb, trainer, module, math.nan, weights=[7.0, 7.0, 7.0])
+    assert trainer.should_stop and module.edit_failed
+    assert torch.equal(module.memory.side.detach(), torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_unconverged_edit_is_undone_at_the_end():
+    cb, module, trainer = ClosedLoopFeedback(), FakeModule(), fake_trainer()
+    module.edit_start_weight = torch.tensor([0.1, 0.2, 0.3])
+    cb.on_edit_start(module, None)
+    step(cb, trainer, module, 1.0, weights=[5.0, 5.0, 5.0], correct=0.0)
+    cb.on_train_end(trainer, module)
+    assert module.edit_failed and cb.counts["failed_edits"] == 1
+    assert torch.equal(module.memory.side.detach(), torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_clustering_groups_obviously_similar_edits():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 5
+    points = np.concatenate([c + rng.normal(scale=0.1, size=(4, 16)) for c in centres])
+    for method in ("kmeans", "agglomerative"):
+        labels = cluster_labels(torch.tensor(points, dtype=torch.float32), 3, method)
+        assert [len(set(labels[i * 4:(i + 1) * 4])) for i in range(3)] == [1, 1, 1]
+        assert len(set(labels)) == 3
+
+
+def test_plan_shards_homogeneous_and_heterogeneous():
+    records = list("aabbbcc")
+    labels = np.array([0, 0, 1, 1, 1, 2, 2])
+    assert plan_shards(records, labels) == [["a", "a"], ["b", "b", "b"], ["c", "c"]]
+    mixed = plan_shards(records, labels, heterogeneous=True)
+    assert [len(g) for g in mixed] == [2, 3, 2] and sorted(sum(mixed, [])) == sorted(records)
+    assert all(len(set(g)) > 1 for g in mixed)  # every shard mixes clusters
+
+
+A = EditRecord("capital of fr?", "xyz", routing_prompt="unrelated text here")
+B = EditRecord("ceo of msft?", "qwe", routing_prompt="some other thing")
+C = EditRecord("capital of de?", "xyw", routing_prompt="a third thing")
+TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=40, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
+            norm_constraint=None)
+
+
+def test_nan_during_an_edit_is_rolled_back_and_the_stream_continues(monkeypatch):
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="wise", closed_loop=True, **TINY)
+    original = RepairModule.edit_losses
+    calls = {"n": 0}
+
+    def flaky(self, batch, lower=None):
+        out = original(self, batch, lower)
+        calls["n"] += 1
+        if calls["n"] == 3:  # one poisoned step
+            out["loss"] = out["loss"] * math.nan
+        return out
+
+    monkeypatch.setattr(RepairModule, "edit_losses", flaky)
+    results = [result for _, result in module.edit_stream([A, B], progress=False)]
+    assert len(results) == 2
+    assert torch.isfinite(module.memory.side).all()
+    assert module.intervention_counts()["divergences"] >= 1
+
+
+def test_a_failed_edit_leaves_the_model_bit_identical():
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="wise", closed_loop=True, **{**TINY, "max_steps": 1})
+    module.edit(A)  # one step cannot reach the target: undone
+    before = module.memory.side.detach().clone()
+    result = module.edit(B)
+    assert not result.success
+    assert torch.equal(module.memory.side.detach(), before)
+
+
+def test_repair_early_stops_and_runs_all_components():
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", cluster_size=2, threshold=0.5,
+                          **{**TINY, "max_steps": 60})
+    names = [type(cb).__name__ for cb in module.edit_callbacks]
+    assert names == ["ClosedLoopFeedback", "ProgressiveIntervention", "DistributionAwareMemory", "MemoryMerging",
+                     "ErrorFeedback"]
+    outputs = list(module.edit_stream([A, B, C], progress=False))
+    first_pass = [r for _, r in outputs if not r.retry]
+    assert len(first_pass) == 3
+    assert min(r.steps for r in first_pass) < 60  # converged edits stop early
+    assert module.memory.shards == []  # merged at the end of the batch
+
+
+def test_wise_is_repair_with_every_component_off():
+    assert RepairModule(tiny_llama(), char_tokenizer(), method="wise", **TINY).edit_callbacks == []
+    ablated = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, **TINY)
+    assert "ProgressiveIntervention" not in [type(cb).__name__ for cb in ablated.edit_callbacks]
