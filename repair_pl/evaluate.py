@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from repair_pl.data.records import EditDataError, EditRecord
-from repair_pl.metrics import ExactMatch, Generalization, Locality, RewriteAccuracy, exact_match, token_accuracy
+from repair_pl.metrics import (ExactMatch, Generalization, Locality, RewriteAccuracy, TargetPerplexity, exact_match,
+                               target_perplexity, token_accuracy)
 
 LogitsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``(input_ids, attention_mask, prompt_mask) -> logits``; ``prompt_mask`` marks the prompt's
@@ -74,10 +75,16 @@ def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str],
 
 
 @torch.no_grad()
+def answer_logits(logits_fn: LogitsFn, batch: EncodedPairs) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(logits, target, mask)`` aligned for scoring: ``logits[:, t]`` predicts token t+1."""
+    logits = logits_fn(batch.input_ids, batch.attention_mask, batch.prompt_mask)
+    return logits[:, :-1], batch.input_ids[:, 1:], batch.answer_mask[:, 1:]
+
+
 def predict_answers(logits_fn: LogitsFn, batch: EncodedPairs) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(preds, target, mask)`` aligned for scoring: ``preds[:, t]`` predicts token t+1."""
-    logits = logits_fn(batch.input_ids, batch.attention_mask, batch.prompt_mask)
-    return logits[:, :-1].argmax(-1), batch.input_ids[:, 1:], batch.answer_mask[:, 1:]
+    logits, target, mask = answer_logits(logits_fn, batch)
+    return logits.argmax(-1), target, mask
 
 
 KINDS = ("rewrite", "rephrase", "locality", "ood")
@@ -113,15 +120,17 @@ def evaluate_records(logits_fn: LogitsFn, tokenizer, records: Sequence[EditRecor
     of a pre-edit run); without it locality is scored against the model's own predictions,
     which is 1.0 by definition (the pre-edit case).
     Per case the result has EasyEdit's shape: ``{"rewrite_acc": [..], "rephrase_acc": [..],
-    "locality": {"neighborhood_acc": [..]}, "ood_acc": [..], "rewrite_em": [..]}``.
+    "locality": {"neighborhood_acc": [..]}, "ood_acc": [..], "rewrite_em": [..], "rewrite_ppl": [..]}``
+    (``rewrite_ppl``: perplexity of the target after the edit prompt, lower is better).
     """
     queries = _queries(records)
     # Sort by length so batches hold similar lengths (less padding); results are put back in order.
     lengths = [len(p) + len(a) for _, _, _, p, a in queries]
     order = sorted(range(len(queries)), key=lambda q: lengths[q])
     metrics = {"rewrite": RewriteAccuracy(), "rephrase": Generalization(), "locality": Locality(),
-               "ood": Generalization(), "rewrite_em": ExactMatch()}
+               "ood": Generalization(), "rewrite_em": ExactMatch(), "rewrite_ppl": TargetPerplexity().to(device)}
     scores: dict[int, float] = {}
+    ppl: dict[int, float] = {}
     em: dict[int, float] = {}
     loc_preds: dict[int, list[int]] = {}
     batches = range(0, len(order), batch_size)
@@ -132,7 +141,14 @@ def evaluate_records(logits_fn: LogitsFn, tokenizer, records: Sequence[EditRecor
     for start in batches:
         idx = order[start: start + batch_size]
         batch = encode_pairs(tokenizer, [queries[q][3] for q in idx], [queries[q][4] for q in idx], max_length)
-        preds, target, mask = (t.cpu() for t in predict_answers(logits_fn, batch.to(device)))
+        logits, target, mask = answer_logits(logits_fn, batch.to(device))
+        # Target perplexity of the edit prompts (WISE's Hallucination metric), same forward pass.
+        rewrites = [row for row, q in enumerate(idx) if queries[q][1] == "rewrite"]
+        if rewrites:
+            metrics["rewrite_ppl"].update(logits[rewrites], target[rewrites], mask[rewrites])
+            ppl.update(zip([idx[row] for row in rewrites],
+                           target_perplexity(logits[rewrites], target[rewrites], mask[rewrites]).tolist()))
+        preds, target, mask = logits.argmax(-1).cpu(), target.cpu(), mask.cpu()
         for row, q in enumerate(idx):
             _, kind, slot, _, _ = queries[q]
             if kind == "locality":
@@ -154,7 +170,7 @@ def evaluate_records(logits_fn: LogitsFn, tokenizer, records: Sequence[EditRecor
             if kind == "rewrite":
                 metrics["rewrite_em"].update(preds[row: row + 1], target[row: row + 1], mask[row: row + 1])
     cases = [{"rewrite_acc": [], "rephrase_acc": [], "locality": {"neighborhood_acc": []}, "ood_acc": [],
-              "rewrite_em": []} for _ in records]
+              "rewrite_em": [], "rewrite_ppl": []} for _ in records]
     locality_preds: list[list[list[int]]] = [[] for _ in records]
     for q, (r, kind, _, _, _) in enumerate(queries):
         if kind == "locality":
@@ -164,8 +180,9 @@ def evaluate_records(logits_fn: LogitsFn, tokenizer, records: Sequence[EditRecor
             cases[r][{"rewrite": "rewrite_acc", "rephrase": "rephrase_acc", "ood": "ood_acc"}[kind]].append(scores[q])
             if kind == "rewrite":
                 cases[r]["rewrite_em"].append(em[q])
+                cases[r]["rewrite_ppl"].append(ppl[q])
     names = {"rewrite": "rewrite_acc", "rephrase": "rephrase_acc", "locality": "locality", "ood": "ood_acc",
-             "rewrite_em": "rewrite_em"}
+             "rewrite_em": "rewrite_em", "rewrite_ppl": "rewrite_ppl"}
     means = {names[k]: float(m.compute()) for k, m in metrics.items() if m.rows > 0}
     return Evaluation(cases, means, locality_preds)
 

@@ -13,12 +13,13 @@ from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import evaluate_records
 
 SUMMARY_KEYS = ("rewrite_acc", "rephrase_acc", "locality")
+EXTRA_KEYS = ("ood_acc", "rewrite_ppl")  # shown when the data has them: Temporal's OOD rephrases, target perplexity
 
 
 def case_means(cases: list[dict]) -> dict[str, float]:
     """Means over all scored rows of each metric, from per-case results (EasyEdit shape)."""
     pools: dict[str, list[float]] = {"rewrite_acc": [], "rephrase_acc": [], "locality": [], "ood_acc": [],
-                                     "rewrite_em": []}
+                                     "rewrite_em": [], "rewrite_ppl": []}
     for case in cases:
         for key in pools:
             values = case["locality"]["neighborhood_acc"] if key == "locality" else case.get(key, [])
@@ -37,9 +38,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _markdown(summary: dict) -> str:
-    rows = ["| | " + " | ".join(SUMMARY_KEYS) + " |", "|---|" + "---|" * len(SUMMARY_KEYS)]
+    keys = SUMMARY_KEYS + tuple(k for k in EXTRA_KEYS if k in summary["post"])
+    rows = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for stage in ("pre", "post"):
-        rows.append(f"| {stage} | " + " | ".join(f"{summary[stage].get(k, float('nan')):.4f}" for k in SUMMARY_KEYS) + " |")
+        rows.append(f"| {stage} | " + " | ".join(f"{summary[stage].get(k, float('nan')):.4f}" for k in keys) + " |")
     return (f"# {summary['method']} on {summary['dataset']} (T={summary['T']}, {summary['n_edits']} edits)\n\n"
             + "\n".join(rows) + f"\n\nseconds per edit: {summary['seconds_per_edit']:.3f}; "
             f"steps per edit: {summary['steps_per_edit']:.2f}; failed edits: {summary['n_failed']}\n")
@@ -105,4 +107,4 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
 
 
 def _report(stage: str, means: dict[str, float]) -> None:
-    print(f"{stage}: " + "  ".join(f"{k}={means[k]:.4f}" for k in SUMMARY_KEYS if k in means), flush=True)
+    print(f"{stage}: " + "  ".join(f"{k}={means[k]:.4f}" for k in SUMMARY_KEYS + EXTRA_KEYS if k in means), flush=True)

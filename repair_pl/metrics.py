@@ -10,6 +10,8 @@ no masked position are skipped, as EasyEdit skips NaN).
 - :class:`Locality`: reference = the unedited model's predictions on an unrelated prompt's
   answer positions; 1.0 means nothing changed.
 - :class:`ExactMatch`: 1 for a row whose masked positions all match, else 0.
+- :class:`TargetPerplexity`: exp of the mean negative log-likelihood of the answer's tokens
+  (WISE's metric on Hallucination; lower is better). Its update takes logits, not predictions.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ def exact_match(preds: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Per-row 1.0 when every masked position matches, else 0.0 (NaN for empty rows)."""
     acc = token_accuracy(preds, target, mask)
     return torch.where(acc.isnan(), acc, (acc == 1.0).float())
+
+
+def target_perplexity(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-row perplexity of the masked target tokens: ``exp(mean NLL)`` (NaN for empty rows).
+
+    ``logits[:, t]`` scores ``target[:, t]`` (already aligned, as :func:`token_accuracy`'s inputs).
+    """
+    if logits.shape[:-1] != target.shape or target.shape != mask.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be target {tuple(target.shape)} + a vocabulary "
+                         f"dimension, and mask {tuple(mask.shape)} the target's shape")
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+    mask = mask.bool()
+    mean_nll = (nll * mask).sum(-1) / mask.sum(-1).float()  # 0/0 -> NaN for empty rows
+    return mean_nll.exp()
 
 
 class _RowMean(Metric):
@@ -75,3 +91,11 @@ class ExactMatch(_RowMean):
     """Share of rows whose answer tokens are all predicted correctly."""
 
     _score = staticmethod(exact_match)
+
+
+class TargetPerplexity(_RowMean):
+    """Mean over rows of the answer's perplexity given the prompt (WISE's Hallucination metric);
+    ``update(logits, target, mask)`` with logits aligned to ``target``."""
+
+    higher_is_better = False
+    _score = staticmethod(target_perplexity)

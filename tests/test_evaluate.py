@@ -216,9 +216,13 @@ def test_batched_equals_per_record(tokenizer, tiny_model):
     one = evaluate_records(fn, tokenizer, records, batch_size=1)
     four = evaluate_records(fn, tokenizer, records, batch_size=4)
     everything = evaluate_records(fn, tokenizer, records, batch_size=64)
+    # perplexity is a float reduction over the vocabulary: equal up to rounding, not bit for bit
+    ppl = [[c.pop("rewrite_ppl")[0] for c in ev.cases] for ev in (one, four, everything)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-4) and ppl[0] == pytest.approx(ppl[2], rel=1e-4)
+    assert one.means.pop("rewrite_ppl") == pytest.approx(four.means.pop("rewrite_ppl"), rel=1e-4)
     assert one.cases == four.cases == everything.cases
     assert one.locality_preds == four.locality_preds == everything.locality_preds
-    assert one.means == four.means == everything.means
+    assert one.means == four.means == {k: v for k, v in everything.means.items() if k != "rewrite_ppl"}
     assert one.cases[3]["rewrite_acc"][0] > 0  # a non-trivial score took part in the comparison
 
 
@@ -269,15 +273,15 @@ def test_results_have_easyedit_shape(tokenizer, tiny_model):
     ev = evaluate_records(model_logits_fn(tiny_model), tokenizer, records, batch_size=4)
     assert len(ev.cases) == len(ev.locality_preds) == 5
     for case, record, preds in zip(ev.cases, records, ev.locality_preds):
-        assert set(case) == {"rewrite_acc", "rephrase_acc", "locality", "ood_acc", "rewrite_em"}
+        assert set(case) == {"rewrite_acc", "rephrase_acc", "locality", "ood_acc", "rewrite_em", "rewrite_ppl"}
         assert set(case["locality"]) == {"neighborhood_acc"}
-        assert len(case["rewrite_acc"]) == len(case["rewrite_em"]) == 1
+        assert len(case["rewrite_acc"]) == len(case["rewrite_em"]) == len(case["rewrite_ppl"]) == 1
         assert len(case["rephrase_acc"]) == len(record.rephrases)
         assert len(case["locality"]["neighborhood_acc"]) == len(record.locality) == len(preds)
         assert len(case["ood_acc"]) == len(record.ood_rephrases)
         assert all(isinstance(v, float) and 0.0 <= v <= 1.0
                    for v in case["rewrite_acc"] + case["rephrase_acc"] + case["ood_acc"])
-    assert set(ev.means) == {"rewrite_acc", "rephrase_acc", "locality", "ood_acc", "rewrite_em"}
+    assert set(ev.means) == {"rewrite_acc", "rephrase_acc", "locality", "ood_acc", "rewrite_em", "rewrite_ppl"}
     # means pool all prompts of a kind (EasyEdit/WISE average over prompts)
     rephrase = [v for c in ev.cases for v in c["rephrase_acc"]]
     assert ev.means["rephrase_acc"] == pytest.approx(sum(rephrase) / len(rephrase), abs=1e-6)
@@ -287,5 +291,5 @@ def test_results_have_easyedit_shape(tokenizer, tiny_model):
 
 def test_means_leave_out_kinds_without_prompts(tokenizer, tiny_model):
     ev = evaluate_records(model_logits_fn(tiny_model), tokenizer, [EditRecord(prompt="q?", target="a")])
-    assert set(ev.means) == {"rewrite_acc", "rewrite_em"}
+    assert set(ev.means) == {"rewrite_acc", "rewrite_em", "rewrite_ppl"}
     assert ev.cases[0]["rephrase_acc"] == [] and ev.cases[0]["locality"]["neighborhood_acc"] == []
