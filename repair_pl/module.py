@@ -34,6 +34,9 @@ class EditResult:
     in_scope_score: float
     success: bool = True
     retry: bool = False  # a re-edit by error feedback
+    lr: float = float("nan")  # learning rate at the last step
+    intervention: float = 1.0  # REPAIR's intervention strength at the last step
+    target_reached: bool = False  # kept, and the bare prompt's target fully predicted at the last step
 
 
 class _Repeat(Dataset):
@@ -408,7 +411,9 @@ class RepairModule(L.LightningModule):
         last = self.step_stats
         result = EditResult(steps, last.get("loss", float("nan")), last.get("edit_loss", float("nan")),
                             last.get("routing_loss", float("nan")), time.perf_counter() - start, score, success,
-                            retry)
+                            retry, lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan"),
+                            intervention=self.intervention,
+                            target_reached=success and last.get("target_correct") == 1.0)
         if not retry:
             self.edit_count += 1
             self._after_edit()
@@ -453,7 +458,8 @@ class RepairModule(L.LightningModule):
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(records), desc="editing", unit="edit")
+            bar = tqdm(total=len(records), desc="editing", unit="edit", dynamic_ncols=True)
+        done = reached = 0
         for start in range(0, len(records), size):
             batch = list(records[start: start + size])
             self.shard_plan, self._retries = None, []
@@ -463,9 +469,11 @@ class RepairModule(L.LightningModule):
             for record in batch:
                 result = self.edit(record)
                 results.append(result)
-                if bar is not None:
+                if bar is not None:  # one bar over the stream; rel: share of edits whose target was reached
+                    done, reached = done + 1, reached + result.target_reached
+                    bar.set_postfix({"rel": f"{reached / done:.2f}", "loss": f"{result.edit_loss:.3f}",
+                                     "steps": result.steps}, refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{result.edit_loss:.3f}", steps=result.steps)
                 yield record, result
             for cb in streams:
                 cb.on_edit_batch_end(self, batch, results)
