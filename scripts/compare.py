@@ -1,88 +1,85 @@
 #!/usr/bin/env python
-"""Compare editing methods (and ablations) side by side, one lifelong run each.
+"""Compare editing methods across datasets and numbers of edits, one lifelong run each.
 
-    python scripts/compare.py --config configs/zsre.yaml --methods wise repair --T 10 100 \
-        --ds_size 100 --out runs/compare
+    python scripts/compare.py --datasets zsre temporal --T 10 50 --methods repair wise ft_l grace \
+        --out runs/sweep_small
 
-Each run is ``scripts/edit.py fit`` with ``--model.method M --T T``; ablations are extra runs
-with one REPAIR flag off (``--ablations progressive closed_loop error_feedback
-distribution_aware heterogeneous``). Runs land in ``OUT/<name>_T<T>/``; a run whose
-``summary.json`` exists is skipped, so an interrupted sweep resumes where it stopped.
-``OUT/COMPARISON_SUMMARY.md`` tables every finished run. Extra arguments after ``--`` go to
-every run (e.g. ``-- --model.max_steps 40``).
+Each dataset name maps to configs/<name>.yaml (or give a .yaml path); T values larger than a
+dataset are skipped with a note. Run i lands in OUT/<dataset>/<method>_T<T>/ (results.json,
+summary.json, ...); a run whose summary.json exists is skipped, so rerunning the same command
+after an interruption finishes only the missing runs (delete a run's folder to redo it).
+Ablations are extra REPAIR runs with one component off (--ablations progressive closed_loop
+error_feedback distribution_aware heterogeneous). OUT/COMPARISON_SUMMARY.md tables every finished
+run; OUT/<dataset>_metrics_vs_T.png and OUT/locality_vs_T.png plot them (needs matplotlib).
+--wandb logs every run to W&B (configs/wandb.yaml; offline unless WANDB_MODE is set), one group
+per sweep. Arguments after `--` go to every run (e.g. `-- --model.max_steps 40`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ABLATIONS = {
-    "progressive": ["--model.progressive", "false"],
-    "closed_loop": ["--model.closed_loop", "false"],
-    "error_feedback": ["--model.error_feedback", "false"],
-    "distribution_aware": ["--model.distribution_aware", "false"],
-    "heterogeneous": ["--model.heterogeneous", "true"],
-}
+from repair_pl.sweep import ABLATIONS, DATASETS, TS, SweepError, collect, default_methods, find_config, plan  # noqa: E402
 
 
-def runs(methods, ts, ablations):
-    """(name, T, extra CLI args) for every run of the sweep."""
-    out = []
-    for t in ts:
-        out += [(m, t, ["--model.method", m]) for m in methods]
-        out += [(f"repair-no-{a}" if a != "heterogeneous" else "repair-heterogeneous", t,
-                 ["--model.method", "repair", *ABLATIONS[a]]) for a in ablations]
-    return out
-
-
-def table(out: Path) -> str:
-    rows = ["| run | T | n | Rel | Gen | Loc | steps/edit | s/edit | failed |", "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(out.glob("*/summary.json")):
-        s = json.loads(path.read_text())
-        p = s["post"]
-        rows.append(f"| {path.parent.name.rsplit('_T', 1)[0]} | {s['T']} | {s['n_edits']} | "
-                    f"{p.get('rewrite_acc', float('nan')):.3f} | {p.get('rephrase_acc', float('nan')):.3f} | "
-                    f"{p.get('locality', float('nan')):.3f} | {s['steps_per_edit']:.1f} | "
-                    f"{s['seconds_per_edit']:.2f} | {s.get('n_failed', 0)} |")
-    return "\n".join(rows) + "\n"
-
-
-def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/zsre.yaml")
-    parser.add_argument("--methods", nargs="+", default=["wise", "repair"])
-    parser.add_argument("--T", nargs="+", type=int, default=[10, 100])
-    parser.add_argument("--ds_size", type=int, default=None, help="records per run (default: the config's)")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS),
+                        help="names of configs/<name>.yaml, or .yaml paths (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=default_methods(), help="model.method values (default: %(default)s)")
+    parser.add_argument("--T", nargs="+", type=int, default=list(TS), help="edits per run (default: %(default)s)")
+    parser.add_argument("--ds_size", type=int, default=None, help="records per run (default: T, one lifelong chunk)")
     parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
+    parser.add_argument("--model", default=None, help="model.model for every run (e.g. tiny-random)")
     parser.add_argument("--out", default="runs/compare")
-    args = parser.parse_args(argv)
+    parser.add_argument("--wandb", action="store_true", help="log every run to W&B (configs/wandb.yaml)")
+    parser.add_argument("--wandb_project", default=None, help="W&B project (default: configs/wandb.yaml's)")
+    parser.add_argument("--wandb_group", default=None, help="W&B group (default: the name of --out)")
+    return parser.parse_args(argv), extra
 
-    from repair_pl.cli import EditCLI
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse(list(sys.argv[1:] if argv is None else argv))
+    from repair_pl.data import EditDataError
+    from repair_pl.plots import plot_sweep
+    from repair_pl.sweep import run_sweep, write_comparison
+
+    from repair_pl.module import METHODS
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, t, method_args in runs(args.methods, args.T, args.ablations):
-        run_dir = out / f"{name}_T{t}"
-        if (run_dir / "summary.json").exists():
-            print(f"skip {run_dir} (done)")
-            continue
-        ds = ["--data.ds_size", str(args.ds_size or t)]
-        print(f"run {run_dir}", flush=True)
-        EditCLI(args=["fit", "--config", args.config, *method_args, "--T", str(t), *ds,
-                      "--trainer.default_root_dir", str(run_dir), *extra])
-        (out / "COMPARISON_SUMMARY.md").write_text("# Comparison\n\n" + table(out))
-    (out / "COMPARISON_SUMMARY.md").write_text("# Comparison\n\n" + table(out))
-    print((out / "COMPARISON_SUMMARY.md").read_text())
+    try:
+        unknown = [m for m in args.methods if m not in METHODS]
+        if unknown:
+            raise SweepError(f"unknown methods {unknown}; this version has {list(METHODS)}")
+        runs, notes = plan(args.datasets, args.methods, args.T, args.ablations, args.ds_size)
+        wandb = None
+        if args.wandb:
+            wandb = {"config": find_config("wandb"), "group": args.wandb_group or out.resolve().name,
+                     "project": args.wandb_project}
+    except (SweepError, EditDataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    extra = (["--model.model", args.model] if args.model else []) + extra
+    failures = run_sweep(runs, out, extra, wandb=wandb, notes=notes)
+    order = [run.name for run in runs]
+    summary = write_comparison(out, notes, order)
+    plots = plot_sweep(collect(out, order), out)
+    print(summary.read_text())
+    print(f"summary: {summary}")
+    print("plots: " + (" ".join(map(str, plots)) if plots else "none (pip install matplotlib, extra `plots`)"))
+    for folder, why in failures:
+        print(f"failed: {folder}: {why}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

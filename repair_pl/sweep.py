@@ -1,0 +1,210 @@
+"""A sweep of lifelong runs, methods x datasets x T (+ REPAIR ablations), that resumes.
+
+Each run is one ``EditCLI fit`` (what ``scripts/edit.py fit`` runs) into
+``OUT/<dataset>/<method>_T<T>/`` with ``data.ds_size = T`` unless told otherwise. A run is
+finished when its ``summary.json`` exists (the lifelong runner writes it last, atomically): a
+rerun of the sweep skips finished runs and redoes the others (an interrupted run picks up its
+own checkpoint, ``checkpoint_every``). ``OUT/COMPARISON_SUMMARY.md`` is rewritten from every
+finished run after each run; :func:`repair_pl.plots.plot_sweep` draws the plots.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASETS = ("zsre", "hallucination", "temporal", "counterfact")
+TS = (10, 100, 500, 1000)
+ABLATIONS = {
+    "progressive": ("--model.progressive", "false"),
+    "closed_loop": ("--model.closed_loop", "false"),
+    "error_feedback": ("--model.error_feedback", "false"),
+    "distribution_aware": ("--model.distribution_aware", "false"),
+    "heterogeneous": ("--model.heterogeneous", "true"),
+}
+COLUMNS = (("rewrite_acc", "Rel"), ("rephrase_acc", "Gen"), ("locality", "Loc"), ("ood_acc", "OOD"),
+           ("rewrite_ppl", "PPL"))
+OPTIONAL_COLUMNS = ("ood_acc", "rewrite_ppl")  # only where the data has them (OOD: Temporal)
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be planned (unknown dataset config, bad sizes)."""
+
+
+def default_methods() -> list[str]:
+    """REPAIR, WISE and the baselines this version of the package has (FT-L, GRACE)."""
+    from repair_pl.module import METHODS
+
+    return [m for m in ("repair", "wise", "ft_l", "grace") if m in METHODS]
+
+
+def find_config(name: str) -> Path:
+    """``configs/<name>.yaml`` (from the working directory, else the repository's), or ``name``
+    itself when it is a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise SweepError(f"config {name} does not exist")
+        return path
+    for base in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
+        if (base / f"{name}.yaml").is_file():
+            return base / f"{name}.yaml"
+    raise SweepError(f"no config for {name!r}: expected configs/{name}.yaml (or pass the path of a .yaml file)")
+
+
+def dataset_size(config: Path) -> int:
+    """Records the config's data section yields (the whole file; ``ds_size`` is set per run)."""
+    import yaml
+
+    from repair_pl.data import EditDataModule
+
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    module = EditDataModule(path=data.get("path", "demo"), format=data.get("format", "auto"),
+                            on_invalid=data.get("on_invalid", "raise"))
+    module.setup()
+    return len(module.records)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One lifelong run of the sweep."""
+
+    dataset: str
+    config: Path
+    name: str  # the method, or repair-no-<component> for an ablation
+    T: int
+    n_records: int
+    args: tuple[str, ...]  # CLI arguments that select the method
+
+    def folder(self, out: Path) -> Path:
+        return Path(out) / self.dataset / f"{self.name}_T{self.T}"
+
+    def cli_args(self, out: Path, extra: Sequence[str] = (), wandb: dict | None = None) -> list[str]:
+        """Arguments of ``EditCLI`` for this run; ``wandb`` (``{"config", "group", "project"?}``)
+        adds the W&B logger with this run's folder, group and name."""
+        folder = str(self.folder(out))
+        args = ["fit", "--config", str(self.config), *self.args, "--T", str(self.T),
+                "--data.ds_size", str(self.n_records), "--trainer.default_root_dir", folder]
+        if wandb is not None:
+            args += ["--config", str(wandb["config"]), "--trainer.logger.init_args.save_dir", folder,
+                     "--trainer.logger.init_args.group", wandb["group"],
+                     "--trainer.logger.init_args.name", f"{self.dataset}/{self.name}_T{self.T}"]
+            if wandb.get("project"):
+                args += ["--trainer.logger.init_args.project", wandb["project"]]
+        return args + list(extra)
+
+
+def plan(datasets: Sequence[str], methods: Sequence[str], ts: Sequence[int], ablations: Sequence[str] = (),
+         ds_size: int | None = None) -> tuple[list[Run], list[str]]:
+    """The runs of the sweep, and notes on what was left out (a T larger than the data)."""
+    unknown = sorted(set(ablations) - set(ABLATIONS))
+    if unknown:
+        raise SweepError(f"unknown ablations {unknown}; choose from {sorted(ABLATIONS)}")
+    runs, notes = [], []
+    for dataset in datasets:
+        config = find_config(dataset)
+        name = config.stem if Path(dataset).suffix in (".yaml", ".yml") else dataset
+        available = dataset_size(config)
+        for t in ts:
+            if t > available:
+                notes.append(f"{name}: T={t} skipped, the data has {available} records")
+                continue
+            n = ds_size or t
+            if n < t:
+                raise SweepError(f"--ds_size {n} is smaller than T={t}: every run needs at least T records")
+            if n > available:
+                notes.append(f"{name}: T={t} uses all {available} records (ds_size {n} asked)")
+                n = available
+            variants = [(m, ("--model.method", m)) for m in methods]
+            variants += [(f"repair-no-{a}" if a != "heterogeneous" else "repair-heterogeneous",
+                          ("--model.method", "repair", *ABLATIONS[a])) for a in ablations]
+            runs += [Run(name, config, v, t, n, args) for v, args in variants]
+    return runs, notes
+
+
+def run_sweep(runs: Sequence[Run], out: Path, extra: Sequence[str] = (), wandb: dict | None = None,
+              notes: Sequence[str] = (), log: Callable[[str], None] = print) -> list[tuple[Path, str]]:
+    """Run every unfinished run in order; returns the runs that failed (and why). A failed run
+    does not stop the sweep; rerunning the sweep retries it."""
+    from repair_pl.cli import EditCLI
+    from repair_pl.tracking import finish_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for i, run in enumerate(runs, 1):
+        folder = run.folder(out)
+        if (folder / "summary.json").exists():
+            log(f"[{i}/{len(runs)}] skip {folder} (done)")
+            continue
+        log(f"[{i}/{len(runs)}] run {folder}")
+        try:
+            with warnings.catch_warnings():  # the sweep's own argv is not the run's
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                EditCLI(args=run.cli_args(out, extra, wandb), parser_kwargs={"default_env": False})
+        except SystemExit as err:  # the CLI's parser exits on bad arguments
+            if err.code in (0, None):
+                raise
+            failures.append((folder, f"bad arguments (exit {err.code})"))
+        except Exception as err:  # noqa: BLE001 - one failed run must not end a long sweep
+            failures.append((folder, f"{type(err).__name__}: {err}"))
+        if failures and failures[-1][0] == folder:
+            finish_run(failed=True)
+            log(f"[{i}/{len(runs)}] failed {folder}: {failures[-1][1]}")
+        gc.collect()  # the previous run's model
+        write_comparison(out, notes, order=[r.name for r in runs])
+    return failures
+
+
+def collect(out: Path, order: Sequence[str] = ()) -> list[dict]:
+    """Summaries of every finished run under ``out`` with ``dataset`` and ``run`` (its name),
+    by dataset, then run name (those in ``order`` first, in that order), then T."""
+    rows = []
+    for path in Path(out).glob("*/*/summary.json"):
+        summary = json.loads(path.read_text())
+        rows.append({**summary, "dataset": path.parent.parent.name, "run": path.parent.name.rsplit("_T", 1)[0]})
+    rank = {name: i for i, name in enumerate(dict.fromkeys(order))}
+    return sorted(rows, key=lambda r: (r["dataset"], rank.get(r["run"], len(rank)), r["run"], r["T"]))
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
+    """``COMPARISON_SUMMARY.md``: one table per dataset, one row per run (post-edit means)."""
+    text = ["# Comparison", "",
+            "Post-edit means over all edits of each run (WISE's lifelong protocol: T edits, then evaluation). "
+            "Rel / Gen / Loc: rewrite, generalisation and locality token accuracy (higher is better); "
+            "OOD: out-of-distribution rephrases (Temporal); PPL: perplexity of the target after the edit "
+            "prompt (WISE's Hallucination metric, lower is better); steps and seconds per edit include "
+            "re-edits; failed: edits undone by closed-loop feedback.", ""]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        group = [r for r in rows if r["dataset"] == dataset]
+        keys = [(k, label) for k, label in COLUMNS
+                if k not in OPTIONAL_COLUMNS or any(k in r["post"] for r in group)]
+        text += [f"## {dataset}", "",
+                 "| method | T | n | " + " | ".join(label for _, label in keys) + " | steps/edit | s/edit | failed |",
+                 "|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
+        for r in group:
+            text.append(f"| {r['run']} | {r['T']} | {r['n_edits']} | "
+                        + " | ".join(_cell(r["post"].get(k)) for k, _ in keys)
+                        + f" | {r['steps_per_edit']:.1f} | {r['seconds_per_edit']:.2f} | {r.get('n_failed', 0)} |")
+        text.append("")
+    if notes:
+        text += ["## Not run", ""] + [f"- {note}" for note in notes] + [""]
+    return "\n".join(text)
+
+
+def write_comparison(out: Path, notes: Sequence[str] = (), order: Sequence[str] = ()) -> Path:
+    """Rewrite ``OUT/COMPARISON_SUMMARY.md`` from every finished run (rows in ``order``)."""
+    path = Path(out) / "COMPARISON_SUMMARY.md"
+    path.write_text(comparison_table(collect(out, order), notes))
+    return path

@@ -1,0 +1,130 @@
+"""The comparison sweep (scripts/compare.py, repair_pl.sweep): plan, resume, table, plots."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from repair_pl.sweep import Run, SweepError, collect, comparison_table, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--", "--model.layer", "2", "--model.n_prefixes", "1", "--model.max_steps", "2",
+        "--trainer.enable_progress_bar", "false"]
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_is_datasets_x_T_x_methods_and_skips_T_beyond_the_data(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text((ROOT / "configs" / "demo.yaml").read_text())
+    runs, notes = plan(["demo", str(config)], ["wise", "ft_l"], [10, 50], ablations=["closed_loop"])
+    assert [(r.dataset, r.name, r.T) for r in runs] == [
+        ("demo", "wise", 10), ("demo", "ft_l", 10), ("demo", "repair-no-closed_loop", 10),
+        ("mine", "wise", 10), ("mine", "ft_l", 10), ("mine", "repair-no-closed_loop", 10)]
+    assert notes == ["demo: T=50 skipped, the data has 40 records", "mine: T=50 skipped, the data has 40 records"]
+    assert all(r.n_records == 10 for r in runs)
+    assert runs[2].args == ("--model.method", "repair", "--model.closed_loop", "false")
+    assert runs[0].folder(tmp_path / "out") == tmp_path / "out" / "demo" / "wise_T10"
+
+
+def test_ds_size_is_capped_by_the_data_and_must_cover_T():
+    runs, notes = plan(["demo"], ["wise"], [10], ds_size=100)
+    assert runs[0].n_records == 40 and "uses all 40 records" in notes[0]
+    with pytest.raises(SweepError, match="smaller than T=10"):
+        plan(["demo"], ["wise"], [10], ds_size=5)
+    with pytest.raises(SweepError, match="configs/nope.yaml"):
+        plan(["nope"], ["wise"], [10])
+
+
+def test_run_arguments_carry_the_wandb_group_and_name(tmp_path):
+    run = Run("zsre", Path("configs/zsre.yaml"), "repair", 10, 10, ("--model.method", "repair"))
+    args = run.cli_args(tmp_path, ["--model.max_steps", "5"], wandb={"config": "configs/wandb.yaml", "group": "g"})
+    pairs = dict(zip(args[1::2], args[2::2]))
+    assert args[0] == "fit" and args[-2:] == ["--model.max_steps", "5"]  # user overrides come last
+    assert pairs["--trainer.logger.init_args.group"] == "g"
+    assert pairs["--trainer.logger.init_args.name"] == "zsre/repair_T10"
+    assert pairs["--trainer.logger.init_args.save_dir"] == str(tmp_path / "zsre" / "repair_T10")
+    assert pairs["--T"] == "10" and pairs["--data.ds_size"] == "10"
+
+
+def summary(method, T, rel, loc, ood=None):
+    post = {"rewrite_acc": rel, "rephrase_acc": rel / 2, "locality": loc, "rewrite_ppl": 3.5}
+    if ood is not None:
+        post["ood_acc"] = ood
+    return {"method": method, "T": T, "n_edits": T, "pre": {}, "post": post, "steps_per_edit": 12.5,
+            "seconds_per_edit": 0.75, "n_failed": 1}
+
+
+def write_runs(out, runs):
+    for dataset, name, s in runs:
+        folder = out / dataset / f"{name}_T{s['T']}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(s))
+
+
+def test_table_has_one_section_per_dataset_and_ood_only_where_measured(tmp_path):
+    write_runs(tmp_path, [("zsre", "wise", summary("wise", 10, 0.9, 0.95)),
+                          ("zsre", "repair", summary("repair", 10, 1.0, 0.99)),
+                          ("zsre", "repair", summary("repair", 50, 0.8, 0.9)),
+                          ("temporal", "wise", summary("wise", 10, 0.7, 0.8, ood=0.25))])
+    rows = collect(tmp_path, order=["repair", "wise"])
+    assert [(r["dataset"], r["run"], r["T"]) for r in rows] == [
+        ("temporal", "wise", 10), ("zsre", "repair", 10), ("zsre", "repair", 50), ("zsre", "wise", 10)]
+    text = comparison_table(rows, notes=["temporal: T=100 skipped, the data has 75 records"])
+    temporal, zsre = text.split("## temporal")[1].split("## zsre")
+    assert "| method | T | n | Rel | Gen | Loc | OOD | PPL | steps/edit | s/edit | failed |" in temporal
+    assert "| wise | 10 | 10 | 0.700 | 0.350 | 0.800 | 0.250 | 3.500 | 12.5 | 0.75 | 1 |" in temporal
+    assert "OOD" not in zsre and "| repair | 50 | 50 | 0.800 | 0.400 | 0.900 | 3.500 |" in zsre
+    assert "T=100 skipped" in text.split("## Not run")[1]
+
+
+def test_plots_are_written_next_to_the_summary(tmp_path):
+    pytest.importorskip("matplotlib")
+    from repair_pl.plots import plot_sweep
+
+    write_runs(tmp_path, [("zsre", "wise", summary("wise", 10, 0.9, 0.95)),
+                          ("zsre", "wise", summary("wise", 100, 0.6, 0.7)),
+                          ("temporal", "repair", summary("repair", 10, 0.7, 0.8, ood=0.25))])
+    paths = plot_sweep(collect(tmp_path), tmp_path)
+    assert sorted(p.name for p in paths) == ["locality_vs_T.png", "temporal_metrics_vs_T.png",
+                                             "zsre_metrics_vs_T.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_rerun_finishes_only_the_missing_run(tmp_path, capsys):
+    compare = load_compare()
+    out = tmp_path / "sweep"
+    argv = ["--datasets", "demo", "--T", "2", "50", "--methods", "wise", "none", "--model", "tiny-random",
+            "--out", str(out), *TINY]
+    assert compare.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "note: demo: T=50 skipped, the data has 40 records" in first
+    wise, none = out / "demo" / "wise_T2" / "summary.json", out / "demo" / "none_T2" / "summary.json"
+    assert json.loads(wise.read_text())["steps_per_edit"] == 2 and none.exists()
+    assert "| wise | 2 | 2 |" in (out / "COMPARISON_SUMMARY.md").read_text()
+
+    none.unlink()  # as if the sweep had been killed during this run (no summary.json)
+    kept = wise.stat().st_mtime_ns
+    assert compare.main(argv) == 0
+    second = capsys.readouterr().out
+    assert f"skip {wise.parent} (done)" in second and f"run {none.parent}" in second
+    assert f"run {wise.parent}" not in second
+    assert wise.stat().st_mtime_ns == kept and none.exists()
+    table = (out / "COMPARISON_SUMMARY.md").read_text()
+    assert "| wise | 2 | 2 |" in table and "| none | 2 | 2 |" in table
+    assert table.index("| wise |") < table.index("| none |")  # rows in the order of --methods
+
+
+def test_unknown_method_or_dataset_is_a_clear_error(tmp_path, capsys):
+    compare = load_compare()
+    assert compare.main(["--datasets", "demo", "--methods", "rome", "--out", str(tmp_path)]) == 2
+    assert "unknown methods ['rome']" in capsys.readouterr().err
+    assert compare.main(["--datasets", "nosuch", "--methods", "wise", "--out", str(tmp_path)]) == 2
+    assert "configs/nosuch.yaml" in capsys.readouterr().err
