@@ -56,11 +56,20 @@ def main(args=None) -> None:
     import sys
 
     from repair_pl.data import EditDataError
+    from repair_pl.eren import EncoderError, NotebookError, ReaderError
+    from repair_pl.eren.run import is_eren_invocation
+    from repair_pl.eren.run import main as eren_main
     from repair_pl.models import ModelLoadError
 
+    argv = sys.argv[1:] if args is None else args
     try:
-        EditCLI(args=args, parser_kwargs={"default_env": False})
-    except (EditDataError, ModelLoadError, ValueError, FileNotFoundError) as err:
+        # method: eren edits no weights, so it has no RepairModule to build: its own runner
+        if isinstance(argv, list) and is_eren_invocation(argv):
+            eren_main(argv)
+        else:
+            EditCLI(args=args, parser_kwargs={"default_env": False})
+    except (EditDataError, ModelLoadError, ValueError, FileNotFoundError,
+            EncoderError, NotebookError, ReaderError) as err:
         if os.environ.get("REPAIR_PL_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)

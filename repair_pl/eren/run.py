@@ -93,6 +93,9 @@ def run_config(cfg: dict, reader=None, encoder=None, progress: bool = True) -> d
     summary["encoder"], summary["k"] = editor.notebook.encoder.name, editor.k
     write_results(out, cases, summary)
     editor.notebook.save(out / "notebook")
+    import yaml
+
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # as the REPAIR runs do
     return summary
 
 
