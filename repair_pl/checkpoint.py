@@ -20,6 +20,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: temp file, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def write_state(folder: Path, tensors: dict[str, Tensor], meta: dict) -> Path:
     """Write ``folder/edits.safetensors`` and ``folder/edits.json`` so that a crash at any moment
     leaves either the old complete state or the new one (temp folder, fsync, rename)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from repair_pl.data import EditDataModule
-from repair_pl.lifelong import run_lifelong
+from repair_pl.lifelong import check_run_options, run_lifelong
 from repair_pl.module import RepairModule
 from repair_pl.tracking import default_offline, finish_run, log_summary_table
 
@@ -29,6 +29,14 @@ class EditCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--T", type=int | None, default=None,
                             help="edits per lifelong chunk: edit T records, evaluate them, reset, repeat (null: all)")
+        parser.add_argument("--checkpoint_every", type=int | None, default=10,
+                            help="checkpoint the run into DIR/checkpoint every N edits; rerunning the same command "
+                                 "resumes from it (null: no checkpoints)")
+
+    def before_instantiate_classes(self) -> None:
+        """Check the run's own options before the model is loaded."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        check_run_options(config.get("T"), config.get("checkpoint_every"))
 
     def fit(self, model: RepairModule, datamodule: EditDataModule, **_) -> dict:
         """Run the lifelong protocol instead of a single Trainer.fit."""
@@ -41,7 +49,7 @@ class EditCLI(LightningCLI):
         model.to(self.trainer.strategy.root_device)
         datamodule.setup("fit")
         summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
-                               logger=self.trainer.logger or None,
+                               logger=self.trainer.logger or None, checkpoint_every=config.get("checkpoint_every"),
                                progress=bool(trainer_cfg.get("enable_progress_bar", True)))
         log_summary_table(self.trainer.logger, summary)
         finish_run()  # one W&B run per lifelong run, also when a sweep runs several in one process

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from repair_pl.data.records import EditRecord
-from repair_pl.evaluate import evaluate_records
+from repair_pl.evaluate import Evaluation, evaluate_records
+from repair_pl.resume import RunCheckpoint, run_fingerprint
 
 SUMMARY_KEYS = ("rewrite_acc", "rephrase_acc", "locality")
 EXTRA_KEYS = ("ood_acc", "rewrite_ppl")  # shown when the data has them: Temporal's OOD rephrases, target perplexity
@@ -48,62 +50,138 @@ def _markdown(summary: dict) -> str:
 
 
 def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int | None = None,
-                 dataset: str = "custom", logger=None, progress: bool = True) -> dict:
+                 dataset: str = "custom", logger=None, progress: bool = True,
+                 checkpoint_every: int | None = None) -> dict:
     """Run the lifelong protocol with ``module`` (a :class:`~repair_pl.module.RepairModule`).
 
     Writes ``out_dir/results.json`` (one entry per case: ``case_id``, ``requested_rewrite``,
-    ``pre``, ``post``, ``edit``), ``out_dir/summary.json`` and ``out_dir/summary.md``, and returns
-    the summary. ``T=None`` edits all records as one chunk.
+    ``pre``, ``post``, ``edit``), ``out_dir/summary.json``, ``out_dir/summary.md`` and the final
+    edited state ``out_dir/edits/`` (:meth:`~repair_pl.module.RepairModule.save_edits`), and
+    returns the summary. ``T=None`` edits all records as one chunk.
+
+    ``checkpoint_every=N`` checkpoints the run into ``out_dir/checkpoint/``
+    (:mod:`repair_pl.resume`) every N edits and after every chunk; calling again with the same
+    configuration resumes from it and ends exactly as an uninterrupted run. REPAIR's
+    between-batch components (distribution-aware memory, error feedback) reorder and re-edit a
+    whole edit batch, so with them the checkpoint waits for the first batch boundary after N
+    edits. The finished run removes its checkpoint.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if T is not None and T > len(records):
-        raise ValueError(f"T={T} is larger than the {len(records)} records of the data (lower T or raise data.ds_size)")
+    check_run_options(T, checkpoint_every, len(records))
     T = T or len(records)
     tok, batch = module.tokenizer, module.hparams.eval_batch_size
     max_length, device = module.hparams.max_length, module.device
-    pre = evaluate_records(module.logits_fn(edited=False), tok, records, batch_size=batch, max_length=max_length,
-                           device=device, progress=progress)
+    checkpoint = RunCheckpoint(out / "checkpoint", run_fingerprint(module, records, T)) if checkpoint_every else None
+    state = checkpoint.load(module) if checkpoint is not None else None
+    if state is None:
+        pre = evaluate_records(module.logits_fn(edited=False), tok, records, batch_size=batch, max_length=max_length,
+                               device=device, progress=progress)
+        state = {"chunk": 0, "position": 0, "logged": 0, "edits": [], "results": [], "steps": 0, "seconds": 0.0,
+                 "pre": asdict(pre)}
+    else:
+        pre = Evaluation(**state["pre"])
+        print(f"resuming from {checkpoint.folder}: {len(state['results']) + state['position']} of {len(records)} "
+              f"edits done", flush=True)
     _report("pre-edit", pre.means)
-    results, steps, seconds = [], 0, 0.0
-    for start in range(0, len(records), T):
+    segment = _segment_size(module, checkpoint_every)
+    for c in range(state["chunk"], math.ceil(len(records) / T)):
+        start = c * T
         chunk = records[start: start + T]
-        module.reset_edits()
+        if state["position"] == 0:
+            module.reset_edits()
+            state.update(logged=0, edits=[{"steps": 0, "seconds": 0.0, "loss": None, "success": False, "retries": 0}
+                                          for _ in chunk])
         # REPAIR may reorder a batch and re-edit records: gather each record's edits by identity.
-        edits: dict[int, dict] = {id(r): {"steps": 0, "seconds": 0.0, "loss": None, "success": False, "retries": 0}
-                                  for r in chunk}
-        for i, (record, result) in enumerate(module.edit_stream(chunk, progress=progress)):
-            info = edits[id(record)]
-            info["steps"] += result.steps
-            info["seconds"] += result.seconds
-            info["loss"], info["success"] = result.loss, result.success
-            info["retries"] += int(result.retry)
-            steps, seconds = steps + result.steps, seconds + result.seconds
-            if logger is not None:
-                logger.log_metrics({"edit/loss": result.loss, "edit/edit_loss": result.edit_loss,
-                                    "edit/routing_loss": result.routing_loss, "edit/steps": result.steps,
-                                    "edit/seconds": result.seconds, "edit/in_scope_score": result.in_scope_score,
-                                    "edit/success": float(result.success)}, step=start + i)
+        index = {id(r): i for i, r in enumerate(chunk)}
+        bar = _bar(len(chunk), state["position"]) if progress else None
+        done = reached = 0  # edits of this process and how many reached their target (the bar's rel)
+        saved_at = state["position"]
+        for first in range(state["position"], len(chunk), segment or len(chunk)):
+            for record, result in module.edit_stream(chunk[first: first + (segment or len(chunk))], progress=False):
+                info = state["edits"][index[id(record)]]
+                info["steps"] += result.steps
+                info["seconds"] += result.seconds
+                info["loss"], info["success"] = result.loss, result.success
+                info["retries"] += int(result.retry)
+                state["steps"] += result.steps
+                state["seconds"] += result.seconds
+                if logger is not None:
+                    logger.log_metrics({"edit/loss": result.loss, "edit/edit_loss": result.edit_loss,
+                                        "edit/routing_loss": result.routing_loss, "edit/steps": result.steps,
+                                        "edit/seconds": result.seconds, "edit/in_scope_score": result.in_scope_score,
+                                        "edit/success": float(result.success), "edit/lr": result.lr,
+                                        "edit/intervention": result.intervention,
+                                        "edit/target_reached": float(result.target_reached)},
+                                       step=start + state["logged"])
+                state["logged"] += 1
+                if bar is not None and not result.retry:
+                    done, reached = done + 1, reached + result.target_reached
+                    bar.set_postfix({"rel": f"{reached / done:.2f}", "loss": f"{result.edit_loss:.3f}",
+                                     "steps": result.steps}, refresh=False)
+                    bar.update(1)
+            state["position"] = min(first + (segment or len(chunk)), len(chunk))
+            if checkpoint is not None and state["position"] < len(chunk) and \
+                    state["position"] - saved_at >= checkpoint_every:
+                checkpoint.save(module, state)
+                saved_at = state["position"]
+        if bar is not None:
+            bar.close()
         post = evaluate_records(module.logits_fn(edited=True), tok, chunk, reference=pre.locality_preds[start: start + T],
                                 batch_size=batch, max_length=max_length, device=device, progress=progress)
         for i, record in enumerate(chunk):
-            results.append({"case_id": record.case_id, "requested_rewrite": record.requested_rewrite(),
-                            "pre": pre.cases[start + i], "post": post.cases[i], "edit": edits[id(record)]})
-    failed = sum(not case["edit"]["success"] for case in results) if module.method != "none" else 0
+            state["results"].append({"case_id": record.case_id, "requested_rewrite": record.requested_rewrite(),
+                                     "pre": pre.cases[start + i], "post": post.cases[i], "edit": state["edits"][i]})
+        state.update(chunk=c + 1, position=0, edits=[])
+        if checkpoint is not None:
+            checkpoint.save(module, state)
+    results, steps, seconds = state["results"], state["steps"], state["seconds"]
+    failed = [case["case_id"] for case in results if not case["edit"]["success"]] if module.method != "none" else []
     n = len(records)
     summary = {"method": module.method, "dataset": dataset, "T": T, "n_edits": n,
                "pre": case_means([c["pre"] for c in results]), "post": case_means([c["post"] for c in results]),
-               "seconds_per_edit": seconds / n, "steps_per_edit": steps / n, "n_failed": failed,
-               "interventions": module.intervention_counts()}
+               "seconds_per_edit": seconds / n, "steps_per_edit": steps / n, "n_failed": len(failed),
+               "failed_case_ids": failed, "interventions": module.intervention_counts()}
     _report("post-edit", summary["post"])
     _write_json(out / "results.json", results)
     _write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(_markdown(summary))
+    module.save_edits(out / "edits")
+    if checkpoint is not None:
+        checkpoint.finish()
     if logger is not None:
         logger.log_metrics({f"{stage}/{k}": v for stage in ("pre", "post") for k, v in summary[stage].items()},
                            step=n)
         logger.save()
     return summary
+
+
+def check_run_options(T: int | None, checkpoint_every: int | None, n_records: int | None = None) -> None:
+    """Start-up checks of the run's own options; the errors name the key."""
+    if T is not None and (not isinstance(T, int) or T < 1):
+        raise ValueError(f"T must be a positive integer or null (all records in one chunk), got {T!r}")
+    if T is not None and n_records is not None and T > n_records:
+        raise ValueError(f"T={T} is larger than the {n_records} records of the data (lower T or raise data.ds_size)")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive integer or null (no checkpoints), got {checkpoint_every!r}")
+
+
+def _segment_size(module, checkpoint_every: int | None) -> int | None:
+    """Edits per ``edit_stream`` call: REPAIR's between-batch callbacks need whole edit batches
+    (``None``: the whole chunk); otherwise edits are independent and the run can stop every
+    ``checkpoint_every`` edits."""
+    from repair_pl.callbacks import EditStreamCallback
+
+    batched = any(getattr(type(cb), hook, None) is not getattr(EditStreamCallback, hook)
+                  for cb in module.edit_callbacks if isinstance(cb, EditStreamCallback)
+                  for hook in ("on_edit_batch_start", "on_edit_batch_end"))
+    return module.hparams.edit_batch_size if batched else checkpoint_every
+
+
+def _bar(total: int, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="editing", unit="edit")
 
 
 def _report(stage: str, means: dict[str, float]) -> None:

@@ -119,6 +119,10 @@ class RepairModule(L.LightningModule):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"model.method must be one of {METHODS}, got {method!r}")
+        _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, edit_batch_size=edit_batch_size,
+                       save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
+                       n_negatives=n_negatives, mask_ratio=mask_ratio, merge_method=merge_method,
+                       cluster_method=cluster_method)
         self.save_hyperparameters(ignore=["model", "tokenizer"] if not isinstance(model, str) else ["tokenizer"])
         if isinstance(model, str):
             model, tokenizer = load_model(model, dtype=dtype)
@@ -507,7 +511,9 @@ class RepairModule(L.LightningModule):
                 "min_in_scope": m.min_in_scope, "period_min": m.period_min, "memory_scales": m.memory_scales,
                 "act_ratio": m.act_ratio, "n_shards": len(m.shards),
                 "n_memories": len(m.memories), "prefixes": self.prefixes, "method": self.method,
-                "generator_state": m._generator.get_state().tolist()}
+                "generator_state": m._generator.get_state().tolist(),
+                "shard_losses": m.shard_losses, "current_losses": m.current_losses,
+                "negatives": [list(ids) for ids in self._negatives]}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     def save_edits(self, path: str | Path) -> Path:
@@ -539,7 +545,33 @@ class RepairModule(L.LightningModule):
         m.min_in_scope, self.edit_count, self.prefixes = meta["min_in_scope"], meta["edit_count"], meta["prefixes"]
         m.period_min, m.memory_scales = meta["period_min"], list(meta["memory_scales"])
         m._generator.set_state(torch.tensor(meta["generator_state"], dtype=torch.uint8))
+        m.shard_losses, m.current_losses = list(meta.get("shard_losses", [])), list(meta.get("current_losses", []))
+        self._negatives.clear()
+        self._negatives.extend(meta.get("negatives", []))
         m.invalidate()
+
+
+def _check_options(**options) -> None:
+    """Start-up checks of options that would otherwise fail deep inside a run; errors name the key."""
+    from repair_pl.merge import MERGERS
+
+    for key, value in options.items():
+        optional = key in ("edit_batch_size", "save_freq", "merge_freq", "max_length")
+        if key in ("n_prefixes", "n_negatives"):
+            bad = not isinstance(value, int) or value < 0
+        elif key == "mask_ratio":
+            bad = not 0 < value <= 1
+        elif key == "merge_method":
+            bad = value not in MERGERS
+        elif key == "cluster_method":
+            bad = value not in ("kmeans", "agglomerative")
+        else:
+            bad = not (optional and value is None) and (not isinstance(value, int) or value < 1)
+        if bad:
+            expected = {"n_prefixes": "an integer >= 0", "n_negatives": "an integer >= 0", "mask_ratio": "in (0, 1]",
+                        "merge_method": f"one of {sorted(MERGERS)}", "cluster_method": "'kmeans' or 'agglomerative'"}
+            want = expected.get(key, "a positive integer" + (" or null" if optional else ""))
+            raise ValueError(f"model.{key} must be {want}, got {value!r}")
 
 
 class _StopForward(Exception):

@@ -1,0 +1,138 @@
+"""Checkpoint and resume of a lifelong run.
+
+A killed run resumes from its last checkpoint and ends exactly as an uninterrupted run would:
+same final side memory (bit for bit) and same ``results.json`` / ``summary.json`` apart from
+wall-time fields.
+
+``DIR/checkpoint/`` holds
+
+- ``state-NNNNNN/``: the module's edited state, written by
+  :meth:`~repair_pl.module.RepairModule.save_edits` (side memory, merged memory, shards, mask,
+  thresholds, prefixes, mask generator, negatives, shard losses);
+- ``progress.json``: where the run stands (chunk, position in the chunk, per-record edit info,
+  finished results, the pre-edit evaluation, step/second counters), the callbacks' intervention
+  counts, the torch/numpy/python RNG states, the name of its state folder and a fingerprint of
+  the run's configuration.
+
+``progress.json`` is replaced last, with one atomic rename after an fsync, so it always names a
+complete state folder; older state folders are removed only after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from repair_pl.checkpoint import write_json_atomic
+
+FORMAT = 1
+PROGRESS = "progress.json"
+
+
+def run_fingerprint(module, records: list, T: int) -> dict:
+    """What must not change between a run and its resumption: hyperparameters, T, the records."""
+    content = repr([(r.case_id, r.prompt, r.target, r.subject, r.rephrases, r.locality, r.routing_prompt,
+                     r.ood_rephrases, r.statement, r.ground_truth) for r in records])
+    hparams = json.loads(json.dumps(dict(module.hparams), default=repr, sort_keys=True))
+    return {"hparams": hparams, "T": T, "n_records": len(records),
+            "records_sha256": hashlib.sha256(content.encode()).hexdigest()}
+
+
+def _difference(saved: dict, current: dict) -> str | None:
+    """The first key whose value differs, phrased for an error message."""
+    for key in sorted(set(saved) | set(current)):
+        if key == "hparams":
+            for name in sorted(set(saved[key]) | set(current[key])):
+                if saved[key].get(name) != current[key].get(name):
+                    return f"model.{name} was {saved[key].get(name)!r}, now {current[key].get(name)!r}"
+        elif saved.get(key) != current.get(key):
+            return ("the data records differ" if key == "records_sha256"
+                    else f"{key} was {saved.get(key)!r}, now {current.get(key)!r}")
+    return None
+
+
+def rng_states() -> dict:
+    """The python, numpy, torch (and CUDA, when in use) RNG states as JSON-ready lists."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+              "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore states captured by :func:`rng_states`."""
+    import numpy as np
+
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+
+
+class RunCheckpoint:
+    """The checkpoint folder of one lifelong run (see the module docstring).
+
+    Args:
+        folder: usually ``DIR/checkpoint``.
+        fingerprint: :func:`run_fingerprint` of the current run; a checkpoint written by a run
+            with another fingerprint is refused with a message naming what differs.
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: dict):
+        self.folder, self.fingerprint, self.serial = Path(folder), fingerprint, 0
+
+    def load(self, module) -> dict | None:
+        """Restore the module (edited state, callback counts) and the RNG states from the last
+        checkpoint and return the saved progress; ``None`` when there is no checkpoint."""
+        path = self.folder / PROGRESS
+        if not path.is_file():
+            return None
+        hint = f"delete {self.folder} to start the run over"
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: checkpoint is unreadable ({err}); {hint}") from None
+        if progress.get("format") != FORMAT:
+            raise ValueError(f"{path}: checkpoint format {progress.get('format')!r} is not {FORMAT}; {hint}")
+        diff = _difference(progress["fingerprint"], self.fingerprint)
+        if diff:
+            raise ValueError(f"{self.folder} holds the checkpoint of a different run ({diff}); {hint} "
+                             f"or choose another trainer.default_root_dir")
+        module.load_edits(self.folder / progress["state"])
+        callbacks = [cb for cb in module.edit_callbacks if hasattr(cb, "counts")]
+        for cb, (name, counts) in zip(callbacks, progress["counts"]):
+            if type(cb).__name__ != name:
+                raise ValueError(f"{path}: callbacks differ from the checkpoint's; {hint}")
+            cb.counts = dict(counts)
+        set_rng_states(progress["rng"])
+        self.serial = progress["serial"]
+        return progress
+
+    def save(self, module, progress: dict) -> None:
+        """Write the module's edited state and ``progress`` (plus counts, RNG states) atomically."""
+        self.serial += 1
+        name = f"state-{self.serial:06d}"
+        module.save_edits(self.folder / name)
+        record = {**progress, "format": FORMAT, "serial": self.serial, "state": name, "fingerprint": self.fingerprint,
+                  "counts": [[type(cb).__name__, cb.counts] for cb in module.edit_callbacks if hasattr(cb, "counts")],
+                  "rng": rng_states()}
+        write_json_atomic(self.folder / PROGRESS, record)
+        for entry in self.folder.iterdir():  # older states and leftovers of killed writes
+            if entry.name not in (name, PROGRESS):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """Remove the checkpoint once the run's outputs are written."""
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,375 @@
+"""Reliability: checkpoint/resume (in process and with a real SIGKILL), determinism, NaN edits
+reported, config errors named, bad input on the record -> tokens path."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from repair_pl.data import EditDataError, EditRecord
+from repair_pl.evaluate import encode_pairs
+from repair_pl.lifelong import run_lifelong
+from repair_pl.module import RepairModule
+from repair_pl.testing import char_tokenizer, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [EditRecord(f"capital of c{i}?", f"x{i}y", rephrases=(f"c{i} capital?",),
+                      locality=((f"who is p{i}", "abc"),), routing_prompt=f"unrelated text {i}", case_id=i)
+           for i in range(6)]
+# Margins scaled to the tiny model; shards, merges and negatives on so that all of them are checkpointed.
+TINY = dict(n_prefixes=1, layer=2, lr=10.0, max_steps=8, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
+            norm_constraint=None, eval_batch_size=4, routing_weight=0.1)
+WISE = dict(TINY, method="wise", save_freq=2, merge_freq=3, n_negatives=2)
+REPAIR = dict(TINY, method="repair", max_steps=12, edit_batch_size=2, cluster_size=1, threshold=0.5, max_retries=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class Killed(BaseException):
+    """Stands in for the process dying: nothing in the run catches it."""
+
+
+def run(out: Path, options: dict, T=4, checkpoint_every=2, die_at_edit: int | None = None) -> dict:
+    """One run on a fresh module; ``die_at_edit=k`` stops it at the k-th call of ``edit``."""
+    L.seed_everything(0, verbose=False)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    if die_at_edit is not None:
+        original, calls = module.edit, {"n": 0}
+
+        def edit(record, retry=False):
+            calls["n"] += 1
+            if calls["n"] == die_at_edit:
+                raise Killed
+            return original(record, retry)
+
+        module.edit = edit
+    return run_lifelong(module, RECORDS, out, T=T, progress=False, checkpoint_every=checkpoint_every)
+
+
+def without_wall_time(obj):
+    """Drop wall-time fields, which legitimately differ between runs."""
+    if isinstance(obj, dict):
+        return {k: without_wall_time(v) for k, v in obj.items() if k not in ("seconds", "seconds_per_edit")}
+    if isinstance(obj, list):
+        return [without_wall_time(v) for v in obj]
+    return obj
+
+
+def outputs(folder: Path) -> tuple[str, str, dict, dict]:
+    """results.json and summary.json without wall time (as canonical JSON text, so NaN == NaN),
+    and the saved final edited state."""
+    from safetensors.torch import load_file
+
+    results = json.dumps(without_wall_time(json.loads((folder / "results.json").read_text())), sort_keys=True)
+    summary = json.dumps(without_wall_time(json.loads((folder / "summary.json").read_text())), sort_keys=True)
+    tensors = load_file(str(folder / "edits" / "edits.safetensors"))
+    meta = json.loads((folder / "edits" / "edits.json").read_text())
+    return results, summary, tensors, meta
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    results_a, summary_a, tensors_a, meta_a = outputs(a)
+    results_b, summary_b, tensors_b, meta_b = outputs(b)
+    assert summary_a == summary_b
+    assert results_a == results_b
+    assert meta_a == meta_b
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        assert torch.equal(tensors_a[key], tensors_b[key]), key  # bit for bit
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint and resume in process
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, die_at", [(WISE, [3, 3, 2]), (REPAIR, [4, 5, 3])], ids=["wise", "repair"])
+def test_interrupted_run_resumes_to_the_same_end(tmp_path, capsys, options, die_at):
+    run(tmp_path / "whole", options)
+    assert not (tmp_path / "whole" / "checkpoint").exists()  # a finished run removes its checkpoint
+    out = tmp_path / "resumed"
+    for k in die_at:  # stopped again and again, each time resuming from the last checkpoint
+        with pytest.raises(Killed):
+            run(out, options, die_at_edit=k)
+        assert (out / "checkpoint" / "progress.json").is_file()
+    capsys.readouterr()
+    run(out, options)
+    assert "resuming from" in capsys.readouterr().out
+    assert not (out / "checkpoint").exists()
+    assert_same_outputs(tmp_path / "whole", out)
+
+
+def test_resume_does_not_redo_finished_edits(tmp_path, monkeypatch):
+    with pytest.raises(Killed):
+        run(tmp_path, WISE, T=6, die_at_edit=6)  # checkpoints after edits 2 and 4
+    progress = json.loads((tmp_path / "checkpoint" / "progress.json").read_text())
+    assert progress["chunk"] == 0 and progress["position"] == 4
+    calls = []
+    original = RepairModule.edit
+
+    def counting(self, record, retry=False):
+        calls.append(record.case_id)
+        return original(self, record, retry)
+
+    monkeypatch.setattr(RepairModule, "edit", counting)
+    run(tmp_path, WISE, T=6)
+    assert calls == [4, 5]
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    with pytest.raises(Killed):
+        run(tmp_path, WISE, die_at_edit=4)
+    with pytest.raises(ValueError, match=r"different run \(model.lr was 10.0, now 5.0\).*delete"):
+        run(tmp_path, {**WISE, "lr": 5.0})
+    with pytest.raises(ValueError, match=r"T was 4, now 2"):
+        run(tmp_path, WISE, T=2)
+
+
+def test_unreadable_checkpoint_is_reported(tmp_path):
+    with pytest.raises(Killed):
+        run(tmp_path, WISE, die_at_edit=4)
+    (tmp_path / "checkpoint" / "progress.json").write_text('{"format": 1, "chunk"')
+    with pytest.raises(ValueError, match=r"progress.json: checkpoint is unreadable.*delete"):
+        run(tmp_path, WISE)
+
+
+def test_saved_state_round_trips_negatives_and_shard_losses(tmp_path):
+    options = {**WISE, "merge_freq": None}  # edits 1-2 in a stored shard, edit 3 in the current one
+    module = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    for record in RECORDS[:3]:
+        module.edit(record)
+    module.save_edits(tmp_path / "edits")
+    fresh = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    fresh.load_edits(tmp_path / "edits")
+    assert list(fresh._negatives) == list(module._negatives) and len(module._negatives) == 2
+    assert fresh.memory.shard_losses == module.memory.shard_losses and module.memory.shard_losses
+    assert fresh.memory.current_losses == module.memory.current_losses and module.memory.current_losses
+    assert torch.equal(fresh.memory._generator.get_state(), module.memory._generator.get_state())
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+def test_same_config_and_seed_give_identical_runs(tmp_path):
+    run(tmp_path / "a", WISE, checkpoint_every=None)
+    run(tmp_path / "b", WISE, checkpoint_every=None)
+    assert_same_outputs(tmp_path / "a", tmp_path / "b")
+    other = {**WISE, "seed": 1}  # the seed matters: other masks, so other weights
+    run(tmp_path / "c", other, checkpoint_every=None)
+    seed0, seed1 = outputs(tmp_path / "a")[2], outputs(tmp_path / "c")[2]
+    assert not torch.equal(seed0["mask"], seed1["mask"]) and not torch.equal(seed0["shard.0"], seed1["shard.0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical faults
+# ---------------------------------------------------------------------------------------------
+
+def test_nan_edit_is_reported_by_case_id_and_the_stream_continues(tmp_path, monkeypatch):
+    original = RepairModule.edit_losses
+
+    def poisoned(self, batch, lower=None):
+        out = original(self, batch, lower)
+        if self._poison:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    original_edit = RepairModule.edit
+
+    def edit(self, record, retry=False):
+        self._poison = record.case_id == 1
+        return original_edit(self, record, retry)
+
+    monkeypatch.setattr(RepairModule, "edit_losses", poisoned)
+    monkeypatch.setattr(RepairModule, "edit", edit)
+    options = {**TINY, "method": "wise", "closed_loop": True, "max_steps": 40}
+    L.seed_everything(0, verbose=False)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    summary = run_lifelong(module, RECORDS[:3], tmp_path, progress=False)
+    assert 1 in summary["failed_case_ids"] and summary["n_failed"] == len(summary["failed_case_ids"])
+    assert summary["interventions"]["rollbacks"] > options["max_steps"] // 10
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["case_id"] for r in results] == [0, 1, 2]
+    assert results[2]["edit"]["steps"] > 0  # the edit after the failed one ran
+    assert torch.isfinite(module.memory.side).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors: caught before any editing, naming the key
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(T=0), "T must be a positive integer"),
+    (dict(T=-2), "T must be a positive integer"),
+    (dict(T=7), "T=7 is larger than the 6 records"),
+    (dict(checkpoint_every=0), "checkpoint_every must be a positive integer"),
+    (dict(checkpoint_every=-1), "checkpoint_every must be a positive integer"),
+])
+def test_run_options_are_checked_first(tmp_path, kwargs, message):
+    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    with pytest.raises(ValueError, match=message):
+        run_lifelong(module, RECORDS, tmp_path, progress=False, **{"T": 2, **kwargs})
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("max_steps", 0), ("eval_batch_size", -1), ("edit_batch_size", 0), ("save_freq", 0), ("max_length", 0),
+    ("n_prefixes", -1), ("mask_ratio", 0.0), ("merge_method", "avg"), ("cluster_method", "dbscan"),
+    ("layer", 4), ("method", "rome"),
+])
+def test_module_options_name_the_key(option, value):
+    with pytest.raises(ValueError, match=rf"model\.{option}"):
+        RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, option: value})
+
+
+def test_cli_rejects_bad_checkpoint_every_before_loading_the_model(tmp_path, capsys):
+    from repair_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # a model that does not exist is never reached
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "does-not-exist",
+              "--checkpoint_every", "0", "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_every must be a positive integer" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input on the record -> tokens path
+# ---------------------------------------------------------------------------------------------
+
+def test_overlong_prompt_is_cut_from_the_left_when_editing():
+    module = RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, "max_length": 24, "n_prefixes": 0})
+    long = EditRecord("blah " * 40 + "capital of fr?", "xyz", routing_prompt="unrelated " * 30)
+    batch = module.prepare_edit(long)
+    assert batch["input_ids"].shape[1] == 24
+    edit_row = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    assert module.tokenizer.decode(edit_row.tolist()).replace(" ", "").endswith("capitaloffr?xyz")
+    assert module.edit(long).steps == TINY["max_steps"]
+
+
+def test_answer_longer_than_max_length_is_rejected_naming_it(tmp_path):
+    module = RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, "max_length": 8})
+    record = EditRecord("q?", "a very long answer", case_id=3)
+    with pytest.raises(EditDataError, match=r"'a very long answer'.*max_length=8"):
+        run_lifelong(module, [record], tmp_path, progress=False)
+
+
+PRINTABLE = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.lists(st.tuples(PRINTABLE, PRINTABLE), min_size=1, max_size=4),
+       max_length=st.one_of(st.none(), st.integers(min_value=1, max_value=40)))
+def test_property_encode_pairs_keeps_whole_answers_and_the_prompt_end(pairs, max_length):
+    tokenizer = char_tokenizer()
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    answer_tokens = [len(" " + a) for a in answers]  # one token per character
+    if max_length is not None and any(n + 1 > max_length for n in answer_tokens):
+        with pytest.raises(EditDataError, match="max_length"):
+            encode_pairs(tokenizer, prompts, answers, max_length)
+        return
+    enc = encode_pairs(tokenizer, prompts, answers, max_length)
+    assert max_length is None or enc.input_ids.shape[1] <= max_length
+    assert not (enc.prompt_mask & enc.answer_mask).any()
+    for i, (prompt, answer) in enumerate(pairs):
+        ids = enc.input_ids[i]
+        full = tokenizer([prompt + " " + answer]).input_ids[0]
+        kept = ids[enc.attention_mask[i].bool()].tolist()
+        assert kept == full[len(full) - len(kept):]  # only the left end is ever cut
+        assert ids[enc.answer_mask[i]].tolist() == full[-answer_tokens[i]:]  # the answer is whole
+        n_prompt = int(enc.prompt_mask[i].sum())
+        assert 1 <= n_prompt <= len(prompt) and n_prompt + answer_tokens[i] == len(kept)
+        assert enc.prompt_mask[i][:n_prompt].all()  # the prompt comes first, then the answer
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL of the real command line at random moments
+# ---------------------------------------------------------------------------------------------
+
+TINY_CLI = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "tiny-random", "--model.layer", "2",
+            "--model.n_prefixes", "1", "--model.max_steps", "12", "--model.save_freq", "2", "--model.merge_freq", "3",
+            "--data.ds_size", "8", "--T", "4", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "false"]
+
+
+class CliRun:
+    """The CLI in a subprocess, stdout in a file; knows when editing began."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", *args], cwd=ROOT,
+                                         stdout=f, stderr=subprocess.STDOUT, env=env)
+        self.started = time.monotonic()
+
+    def wait_for_editing(self, timeout: float) -> float | None:
+        """Seconds until the pre-edit line appears (editing starts); None if the run ended first."""
+        while time.monotonic() - self.started < timeout:
+            if "pre-edit:" in self.log.read_text():
+                return time.monotonic() - self.started
+            if self.proc.poll() is not None:
+                return None
+            time.sleep(0.05)
+        raise TimeoutError(self.log.read_text()[-2000:])
+
+    def finish(self, timeout: float) -> str:
+        assert self.proc.wait(timeout) == 0, self.log.read_text()[-3000:]
+        return self.log.read_text()
+
+
+def kill_and_resume(args: list[str], folder: Path, kills: int, seed: int, timeout: float) -> list[str]:
+    """Run the command to the end in this process (the reference), then in subprocesses into
+    ``folder/resumed``: SIGKILLed up to ``kills`` times at seeded random moments while editing,
+    then rerun until it ends. Returns the subprocesses' logs."""
+    from repair_pl.cli import main
+
+    began = time.monotonic()
+    main(["fit", *args, "--trainer.default_root_dir", str(folder / "whole")])
+    span = time.monotonic() - began
+    rng, logs = random.Random(seed), []
+    resumed = [*args, "--trainer.default_root_dir", str(folder / "resumed")]
+    for k in range(kills):
+        attempt = CliRun(resumed, folder / f"killed{k}.log")
+        if attempt.wait_for_editing(timeout) is not None:
+            time.sleep(rng.uniform(0.05, 0.5) * span)
+        if attempt.proc.poll() is not None:  # it ended before the kill: nothing left to resume
+            logs.append(attempt.finish(timeout))
+            return logs
+        attempt.proc.send_signal(signal.SIGKILL)
+        attempt.proc.wait()
+        logs.append(attempt.log.read_text())
+    logs.append(CliRun(resumed, folder / "last.log").finish(timeout))
+    return logs
+
+
+def test_sigkill_at_random_moments_then_rerun_ends_bit_identical(tmp_path):
+    logs = kill_and_resume(TINY_CLI, tmp_path, kills=2, seed=7, timeout=120)
+    assert "summary:" not in logs[0] and any("resuming from" in log for log in logs[1:])
+    assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+
+
+@pytest.mark.integration
+def test_sigkill_and_resume_on_smollm2(tmp_path):
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.n_prefixes", "1", "--model.max_steps", "6",
+            "--data.ds_size", "3", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "false"]
+    logs = kill_and_resume(args, tmp_path, kills=1, seed=3, timeout=300)
+    assert "summary:" not in logs[0] and "resuming from" in logs[-1]
+    assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
