@@ -46,7 +46,10 @@ class EditCLI(LightningCLI):
         self.parser.save(self.config, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
         trainer_cfg = config.get("trainer", {})
         model.trainer_kwargs = {"accelerator": trainer_cfg.get("accelerator") or "auto", "devices": 1}
-        model.to(self.trainer.strategy.root_device)
+        if self.trainer.num_devices * self.trainer.num_nodes > 1:
+            return self._fit_ddp(model, datamodule, config, out)
+        if model.hparams.device_map is None:  # else the device_map has placed the model over its devices
+            model.to(self.trainer.strategy.root_device)
         datamodule.setup("fit")
         summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
                                logger=self.trainer.logger or None, checkpoint_every=config.get("checkpoint_every"),
@@ -54,6 +57,26 @@ class EditCLI(LightningCLI):
         log_summary_table(self.trainer.logger, summary)
         finish_run()  # one W&B run per lifelong run, also when a sweep runs several in one process
         print(f"summary: {out / 'summary.json'}", flush=True)
+        return summary
+
+    def _fit_ddp(self, model: RepairModule, datamodule: EditDataModule, config, out: Path) -> dict:
+        """``trainer.devices`` > 1: one process per device (Lightning Fabric's ddp), each editing
+        its share of the lifelong chunks; metrics synced (:mod:`repair_pl.distributed`)."""
+        from repair_pl.distributed import launch, run_lifelong_sharded
+
+        if model.hparams.device_map is not None:
+            raise ValueError("model.device_map spreads one model over several GPUs; it cannot be combined with "
+                             "trainer.devices > 1 (DDP runs one whole model per device)")
+        trainer_cfg = config.get("trainer", {})
+        fabric = launch(trainer_cfg.get("accelerator") or "auto", trainer_cfg.get("devices"),
+                        trainer_cfg.get("num_nodes") or 1)
+        model.to(fabric.device)
+        datamodule.setup("fit")
+        summary = run_lifelong_sharded(model, datamodule.records, out, T=config.get("T"),
+                                       dataset=datamodule.dataset_name, checkpoint_every=config.get("checkpoint_every"),
+                                       progress=bool(trainer_cfg.get("enable_progress_bar", True)))
+        if fabric.global_rank == 0:
+            print(f"summary: {out / 'summary.json'}", flush=True)
         return summary
 
 

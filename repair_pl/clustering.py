@@ -19,7 +19,7 @@ def embed_prompts(module, prompts: list[str], batch_size: int = 32) -> Tensor:
         enc = module.tokenizer(prompts[start: start + batch_size], return_tensors="pt", padding=True)
         batch = {"input_ids": enc.input_ids.to(module.device), "attention_mask": enc.attention_mask.to(module.device)}
         hidden = module.lower_states(batch)[0][0].float()
-        mask = batch["attention_mask"].unsqueeze(-1).float()
+        mask = batch["attention_mask"].unsqueeze(-1).float().to(hidden.device)  # differ under a device_map
         out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).cpu())
     return torch.cat(out)
 

@@ -127,8 +127,11 @@ def evaluate_records(logits_fn: LogitsFn, tokenizer, records: Sequence[EditRecor
     # Sort by length so batches hold similar lengths (less padding); results are put back in order.
     lengths = [len(p) + len(a) for _, _, _, p, a in queries]
     order = sorted(range(len(queries)), key=lambda q: lengths[q])
-    metrics = {"rewrite": RewriteAccuracy(), "rephrase": Generalization(), "locality": Locality(),
-               "ood": Generalization(), "rewrite_em": ExactMatch(), "rewrite_ppl": TargetPerplexity().to(device)}
+    # These means are this process's; under DDP, repair_pl.distributed syncs (no collective here).
+    local = {"sync_on_compute": False}
+    metrics = {"rewrite": RewriteAccuracy(**local), "rephrase": Generalization(**local), "locality": Locality(**local),
+               "ood": Generalization(**local), "rewrite_em": ExactMatch(**local),
+               "rewrite_ppl": TargetPerplexity(**local).to(device)}
     scores: dict[int, float] = {}
     ppl: dict[int, float] = {}
     em: dict[int, float] = {}

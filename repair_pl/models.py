@@ -80,7 +80,8 @@ def _load_embedded(name: str):
 
 
 def load_model(name_or_path: str = "smollm2", dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", local_files_only: bool | None = None):
+               device: str | torch.device = "cpu", local_files_only: bool | None = None,
+               device_map: str | dict | None = None):
     """Return ``(model, tokenizer)``: a frozen causal LM in eval mode and its tokenizer.
 
     ``name_or_path`` is one of: ``"smollm2"`` (the embedded default); ``"tiny-random"`` (a
@@ -88,6 +89,10 @@ def load_model(name_or_path: str = "smollm2", dtype: str | torch.dtype = "float3
     folder; a ``.gguf`` file; or a hub id such as ``meta-llama/Meta-Llama-3-8B-Instruct``
     (needs internet or a filled HF cache). The tokenizer always has a pad token (eos when the
     model defines none).
+
+    ``device_map`` (then ``device`` is ignored) spreads the model over devices with accelerate:
+    ``"auto"`` for a model larger than one GPU, or a ``{module name: device}`` dict; see
+    :func:`repair_pl.placement.dispatch`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,7 +101,12 @@ def load_model(name_or_path: str = "smollm2", dtype: str | torch.dtype = "float3
     if name_or_path == "tiny-random":  # for smoke tests: a 4-layer random Llama, char tokenizer
         from repair_pl.testing import char_tokenizer, tiny_llama
 
-        return tiny_llama().to(dtype=torch_dtype, device=device), char_tokenizer()
+        model = tiny_llama().to(dtype=torch_dtype)
+        if device_map is not None:
+            from repair_pl.placement import dispatch
+
+            return dispatch(model, device_map), char_tokenizer()
+        return model.to(device), char_tokenizer()
     if name_or_path in EMBEDDED:
         source: str | Path = _load_embedded(name_or_path)
         kwargs["local_files_only"] = True
@@ -120,6 +130,8 @@ def load_model(name_or_path: str = "smollm2", dtype: str | torch.dtype = "float3
                 kwargs["local_files_only"] = local_files_only
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if device_map is not None:  # accelerate loads each layer straight onto its device
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as err:  # hub id offline, missing files, ...
         raise ModelLoadError(f"could not load model {name_or_path!r}: {err}") from err
@@ -127,7 +139,7 @@ def load_model(name_or_path: str = "smollm2", dtype: str | torch.dtype = "float3
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
-    return model.to(device), tokenizer
+    return (model if device_map is not None else model.to(device)), tokenizer
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

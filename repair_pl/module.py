@@ -17,6 +17,7 @@ from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import encode_pairs
 from repair_pl.losses import margin_routing_loss
 from repair_pl.models import decoder_layers, load_model
+from repair_pl.placement import PlacedStrategy, accelerator_for, check_device_map, dispatch, module_device
 from repair_pl.side_memory import SideMemory
 
 METHODS = ("none", "wise", "repair")
@@ -95,6 +96,9 @@ class RepairModule(L.LightningModule):
         edit_batch_size: REPAIR edits the stream in batches of this many records (clustered
             inside, merged and re-checked between batches); ``None``: the whole chunk.
         dtype: dtype of the frozen model (the side memory is always fp32).
+        device_map: spread the frozen model over several devices with accelerate (``"auto"``,
+            or ``{module name: device}``); the side memory lives on the edited layer's device and
+            inputs go to the embedding's. ``None``: the module sits on one device (``.to()``).
         eval_batch_size: batch size of evaluation.
         max_length: longest sequence in tokens (prompts are cut from the left past it).
         seed: seeds masks and prefixes.
@@ -114,8 +118,8 @@ class RepairModule(L.LightningModule):
                  divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
                  max_retries: int = 2, edit_batch_size: int | None = None,
-                 dtype: str = "float32", eval_batch_size: int = 16, max_length: int | None = 256,
-                 seed: int = 0):
+                 dtype: str = "float32", device_map: str | dict[str, int | str] | None = None,
+                 eval_batch_size: int = 16, max_length: int | None = 256, seed: int = 0):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"model.method must be one of {METHODS}, got {method!r}")
@@ -124,10 +128,13 @@ class RepairModule(L.LightningModule):
                        n_negatives=n_negatives, mask_ratio=mask_ratio, merge_method=merge_method,
                        cluster_method=cluster_method)
         self.save_hyperparameters(ignore=["model", "tokenizer"] if not isinstance(model, str) else ["tokenizer"])
+        check_device_map(device_map)
         if isinstance(model, str):
-            model, tokenizer = load_model(model, dtype=dtype)
+            model, tokenizer = load_model(model, dtype=dtype, device_map=device_map)
         elif tokenizer is None:
             raise ValueError("pass `tokenizer` when `model` is a loaded model object")
+        elif device_map is not None and getattr(model, "hf_device_map", None) is None:
+            model = dispatch(model, device_map)
         model.requires_grad_(False)
         self.model, self.tokenizer = model.eval(), tokenizer
         layers = decoder_layers(model)
@@ -138,6 +145,9 @@ class RepairModule(L.LightningModule):
                              f"(valid: 0..{n_layers - 1})")
         self.layer %= n_layers
         mlp = layers[self.layer].mlp
+        if mlp.down_proj.weight.device.type == "meta":
+            raise ValueError(f"layer {self.layer} was offloaded by device_map (its weights are not on a device); "
+                             f"the edited layer must sit on a GPU: give the GPUs more max_memory or use more GPUs")
         self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
                                  merge_method=merge_method, density=density, retrieve=retrieve, seed=seed)
         mlp.down_proj = self.memory
@@ -156,6 +166,14 @@ class RepairModule(L.LightningModule):
         self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
         self._retries: list[tuple[EditRecord, EditResult]] = []
         self.step_stats: dict[str, float] = {}
+
+    # ---- placement ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embedding. With ``device_map`` the model
+        spans several devices; the side memory sits on the edited layer's (``memory.side.device``)."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return super().device if model is None else module_device(model.get_input_embeddings())
 
     # ---- forward / inference -----------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -275,7 +293,7 @@ class RepairModule(L.LightningModule):
         for layer in decoder_layers(self.model)[self.layer:]:
             out = layer(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        hidden = self.model.model.norm(hidden[positions])
+        hidden = self.model.model.norm(hidden[positions.to(hidden.device)])
         return self.model.lm_head(hidden)
 
     def edit_losses(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> dict[str, Tensor]:
@@ -288,10 +306,12 @@ class RepairModule(L.LightningModule):
         with self.memory.routing(batch["route_mask"]):
             logits = self.upper_forward(lower, predicting)
         scores = self.memory.last_scores
-        labels = batch["input_ids"][:, 1:][predicting[:, :-1]]
+        # With a device_map, logits come from the last GPU and scores from the edited layer's.
+        labels = batch["input_ids"][:, 1:][predicting[:, :-1]].to(logits.device)
         edit_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        hp, is_edit = self.hparams, batch["is_edit"]
+        hp, is_edit = self.hparams, batch["is_edit"].to(scores.device)
         routing = margin_routing_loss(scores[is_edit], scores[~is_edit], hp.alpha, hp.beta, hp.gamma)
+        routing = routing.to(edit_loss.device)
         n_first = int(predicting[0].sum())  # the bare prompt's answer positions come first
         correct = bool((logits[:n_first].argmax(-1) == labels[:n_first]).all())
         return {"loss": edit_loss + hp.routing_weight * routing, "edit_loss": edit_loss, "routing_loss": routing,
@@ -379,10 +399,14 @@ class RepairModule(L.LightningModule):
     # ---- editing -----------------------------------------------------------------------------
     def _edit_trainer(self) -> L.Trainer:
         """A fresh lightweight Trainer per edit: calling ``fit`` twice on one Trainer with
-        ``max_steps`` does not train again (Lightning issue 11425)."""
+        ``max_steps`` does not train again (Lightning issue 11425). It runs where the module is
+        placed and moves nothing (:class:`~repair_pl.placement.PlacedStrategy`)."""
+        kwargs = {k: v for k, v in self.trainer_kwargs.items() if k not in ("accelerator", "devices", "strategy")}
         return L.Trainer(max_steps=self.hparams.max_steps, max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=list(self.edit_callbacks), **self.trainer_kwargs)
+                         num_sanity_val_steps=0, callbacks=list(self.edit_callbacks),
+                         accelerator=accelerator_for(self.device), devices=1, strategy=PlacedStrategy(self.device),
+                         **kwargs)
 
     def edit(self, record: EditRecord, retry: bool = False) -> EditResult:
         """Apply one edit: a short ``fit`` on the side memory, then update routing and shards.
@@ -496,6 +520,9 @@ class RepairModule(L.LightningModule):
         memory.shard_losses, memory.current_losses = [], []
         memory.invalidate()
         self._negatives.clear()
+        # Reseed: every reset starts from the same state, so lifelong chunks are independent
+        # and may run on different processes (repair_pl.distributed) with the same results.
+        memory._generator.manual_seed(self.hparams.seed)
         memory.new_mask()
         self.edit_count = 0
 

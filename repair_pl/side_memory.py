@@ -151,7 +151,7 @@ class SideMemory(nn.Module):
         mask = self.route_mask
         if mask is None or mask.shape != norms.shape:
             return norms.mean(-1)
-        mask = mask.to(norms.dtype)
+        mask = mask.to(device=norms.device, dtype=norms.dtype)  # masks come from the input device
         return (norms * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
     def forward(self, x: Tensor) -> Tensor:

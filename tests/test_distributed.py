@@ -1,0 +1,67 @@
+"""The edit stream spread over 2 CPU processes (Fabric ddp_spawn, gloo): metrics synced by
+torchmetrics equal one process's."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from repair_pl import EditRecord, RepairModule
+from repair_pl.distributed import chunk_indices, evaluate_sharded, run_lifelong_sharded
+from repair_pl.evaluate import evaluate_records
+from repair_pl.lifelong import run_lifelong
+from repair_pl.testing import char_tokenizer, tiny_llama
+
+HP = dict(layer=2, n_prefixes=1, max_steps=3, seed=0, eval_batch_size=4)
+RECORDS = [EditRecord(prompt=f"Who leads firm {c}?", target=t, rephrases=(f"Boss of {c}?",),
+                       locality=((f"{c} sky is", "blue"),), case_id=i)
+           for i, (c, t) in enumerate(zip("ABCDE", ["Zed", "Amy", "Bo", "Cy", "Di"]))]
+
+
+def _module():
+    return RepairModule(tiny_llama(), char_tokenizer(), **HP)
+
+
+def _each_rank(fabric, out_dir):
+    torch.set_num_threads(1)  # two processes share the cores
+    module = _module()
+    evaluated = evaluate_sharded(module, RECORDS, edited=False)
+    summary = run_lifelong_sharded(module, RECORDS, out_dir, T=2, dataset="toy")
+    return evaluated, summary
+
+
+def test_chunks_are_dealt_round_robin_and_cover_the_stream():
+    shares = [chunk_indices(5, 2, rank, 2) for rank in range(2)]
+    assert shares == [[0, 1, 4], [2, 3]]
+    assert sorted(shares[0] + shares[1]) == list(range(5))
+    assert chunk_indices(3, 2, 2, 3) == []  # more processes than chunks: an idle rank
+
+
+def test_two_gloo_processes_give_the_single_process_metrics(tmp_path):
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    evaluated, summary = fabric.launch(_each_rank, tmp_path / "ddp")
+
+    module = _module()
+    single_eval = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS, batch_size=4).means
+    single = run_lifelong(module, RECORDS, tmp_path / "one", T=2, dataset="toy", progress=False)
+
+    assert set(evaluated) == set(single_eval) and set(summary["post"]) == set(single["post"])
+    # Float tolerance: perplexities change in the 7th digit with the batch's padding width (batches
+    # differ when the records are sharded); evaluate_records rounds its means to float32.
+    for key, value in single_eval.items():
+        assert math.isclose(evaluated[key], value, rel_tol=1e-5), key
+    for stage in ("pre", "post"):
+        for key, value in single[stage].items():
+            assert math.isclose(summary[stage][key], value, rel_tol=1e-5), (stage, key)
+    assert summary["world_size"] == 2 and summary["n_edits"] == 5
+    assert summary["steps_per_edit"] == pytest.approx(single["steps_per_edit"])
+    # rank 0 writes the whole stream's cases in order, equal case by case to one process's
+    merged = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    alone = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert [c["case_id"] for c in merged] == [r.case_id for r in RECORDS]
+    for key in ("rewrite_acc", "rephrase_acc", "locality"):  # token accuracies: exactly equal
+        assert [c["post"][key] for c in merged] == [c["post"][key] for c in alone]
+    assert (tmp_path / "ddp" / "rank1" / "results.json").exists()
