@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from repair_pl.data import EditDataModule
 from repair_pl.lifelong import check_run_options, run_lifelong
 from repair_pl.module import RepairModule
-from repair_pl.tracking import default_offline, finish_run, log_summary_table
+from repair_pl.tracking import default_offline, finish_run, log_summary_table, sweep_run_dir
 
 
 class EditCLI(LightningCLI):
@@ -41,7 +41,7 @@ class EditCLI(LightningCLI):
     def fit(self, model: RepairModule, datamodule: EditDataModule, **_) -> dict:
         """Run the lifelong protocol instead of a single Trainer.fit."""
         config = self.config[self.subcommand]
-        out = Path(self.trainer.default_root_dir)
+        out = sweep_run_dir(Path(self.trainer.default_root_dir))
         out.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, out / "config.yaml", skip_none=False, overwrite=True, multifile=False)
         trainer_cfg = config.get("trainer", {})

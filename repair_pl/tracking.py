@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 TABLE_KEYS = ("rewrite_acc", "rephrase_acc", "locality", "ood_acc", "rewrite_ppl", "rewrite_em")
 
 
 def default_offline() -> None:
-    """W&B runs offline unless the user chose otherwise (``WANDB_MODE``): no account needed;
-    ``wandb sync DIR/wandb/offline-run-*`` uploads a run later."""
+    """W&B runs offline unless the user chose otherwise (``WANDB_MODE``) or a sweep agent started
+    the run: no account needed; ``wandb sync DIR/wandb/offline-run-*`` uploads a run later."""
+    if "WANDB_SWEEP_ID" in os.environ:  # started by `wandb agent`: the sweep needs the run online
+        return
     os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def sweep_run_dir(root: Path) -> Path:
+    """``root/<sweep id>/<run id>`` for a run started by ``wandb agent`` (several agents on one
+    machine must not write into one folder), else ``root``."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return root / sweep / run if sweep and run else root
 
 
 def is_wandb(logger) -> bool:
