@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--model", default=None, help="reader model (default: the config's, smollm2)")
     parser.add_argument("--encoder", default=None, help="encoder: default, hash, or a sentence-transformers folder")
     parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--unrelated-per-kind", type=int, default=None,
+                        help="evaluate only the first N unrelated questions of each kind per record")
+    parser.add_argument("--min-score", type=float, default=None, help="retrieval gate (default: the config's)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--prompt", action="append", default=[], metavar="KEY=VALUE",
@@ -129,11 +132,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     data["offset"] = args.offset
     if args.n is not None:
         data["ds_size"] = args.n
+    if args.unrelated_per_kind is not None:
+        data["unrelated_per_kind"] = args.unrelated_per_kind
     cfg["T"] = args.T if args.T is not None else cfg.get("T")
     if cfg["T"] is not None and data.get("ds_size") is not None:
         cfg["T"] = min(cfg["T"], data["ds_size"])
     for key, value in (("model", args.model), ("encoder", args.encoder), ("k", args.k),
-                       ("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)):
+                       ("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size),
+                       ("min_score", args.min_score)):
         if value is not None:
             model[key] = value
     for item in args.prompt:

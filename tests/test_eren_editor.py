@@ -176,3 +176,11 @@ def test_evaluate_zsre_shape_and_T_chunks():
     assert cases[0]["post"]["rewrite_acc"] == [1.0] and cases[0]["post"]["rephrase_acc"] == [0.0]
     with pytest.raises(ValueError, match="larger"):
         evaluate_editor(editor, records, T=5, progress=False)
+
+
+def test_unrelated_subsample_per_kind():
+    editor, _ = make_editor(CachedReader(ScriptedReader()))
+    cases, summary = evaluate_editor(editor, RECORDS, unrelated_per_kind=1, progress=False)
+    asked = [[q["question"] for q in c["eren"]["unrelated"]] for c in cases]
+    assert asked == [["Chile capital?", "Peru anthem?"], ["Ringo instrument?", "Toko birthplace?"], ["Paul religion?"]]
+    assert summary["n_queries"] == 6 + 5 and summary["unrelated_per_kind"] == 1

@@ -65,8 +65,10 @@ def answer_matches(output: str, target: str, rule: str = "contains") -> bool:
     raise ValueError(f"unknown match rule {rule!r}; choose 'contains' or 'em'")
 
 
-def record_questions(record: EditRecord) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """``(in_scope, unrelated)``: ``[(question, new answer)]`` and ``[(question, kind)]``."""
+def record_questions(record: EditRecord, unrelated_per_kind: int | None = None
+                     ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(in_scope, unrelated)``: ``[(question, new answer)]`` and ``[(question, kind)]``;
+    ``unrelated_per_kind`` keeps only the first that many unrelated questions of each kind."""
     scope = record.meta.get("edit_scope")
     if scope:
         in_scope = [(q, a) for q, a in scope]
@@ -74,9 +76,9 @@ def record_questions(record: EditRecord) -> tuple[list[tuple[str, str]], list[tu
         in_scope = [(record.prompt, record.target)] + [(q, record.target) for q in record.rephrases]
     unrelated_meta = record.meta.get("unrelated")
     if unrelated_meta:
-        unrelated = [(q, kind) for kind in sorted(unrelated_meta) for q in unrelated_meta[kind]]
+        unrelated = [(q, kind) for kind in sorted(unrelated_meta) for q in unrelated_meta[kind][:unrelated_per_kind]]
     else:
-        unrelated = [(q, "loc") for q, _ in record.locality]
+        unrelated = [(q, "loc") for q, _ in record.locality[:unrelated_per_kind]]
     return in_scope, unrelated
 
 
@@ -93,13 +95,16 @@ def harmonic_mean(a: float, b: float) -> float:
 
 def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: str = "custom",
                     T: int | None = None, rule: str = "contains", slice_records: int = 10,
-                    distractors: Sequence[EditRecord] = (), progress: bool = True) -> tuple[list[dict], dict]:
+                    distractors: Sequence[EditRecord] = (), unrelated_per_kind: int | None = None,
+                    progress: bool = True) -> tuple[list[dict], dict]:
     """Edit ``T`` records at a time into an empty notebook and answer all their questions.
 
     Returns ``(cases, summary)``; see the module docstring for the metrics. ``slice_records``
     records' questions are answered per batched call (progress is printed after each).
     ``distractors`` are edited into every notebook too but not evaluated (e.g. to tune prompts
-    on a few records against a full-size notebook).
+    on a few records against a full-size notebook). ``unrelated_per_kind`` evaluates only the
+    first that many unrelated questions of each kind per record (CounterFact-Hard has about 24
+    per record; a subsample keeps a run of all records affordable on a CPU).
     """
     T = T or len(records)
     if T > len(records):
@@ -116,7 +121,7 @@ def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: 
         timing["edit"] += time.perf_counter() - tick
         for s in range(0, len(chunk), slice_records):
             part = chunk[s: s + slice_records]
-            qs = [record_questions(r) for r in part]
+            qs = [record_questions(r, unrelated_per_kind) for r in part]
             flat = [q for ins, out in qs for q in [q for q, _ in ins] + [q for q, _ in out]]
             tick = time.perf_counter()
             pre = editor.closed_book(flat)
@@ -141,7 +146,9 @@ def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: 
                 print(f"[eren] {done}/{len(records)} records  ES={es:.3f} BP={bp:.3f}  "
                       f"{elapsed:.0f}s elapsed, ~{elapsed / done * (len(records) - done):.0f}s left",
                       file=sys.stderr, flush=True)
-    return cases, _summary(cases, dataset, T, rule, timing, diag)
+    summary = _summary(cases, dataset, T, rule, timing, diag)
+    summary["unrelated_per_kind"] = unrelated_per_kind
+    return cases, summary
 
 
 def _case(record: EditRecord, ins, out, pre: list[str], post, rule: str) -> dict:

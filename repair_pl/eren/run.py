@@ -15,7 +15,7 @@ Config shape (see ``configs/eren_cfh.yaml``)::
       batch_size: 8
       prompts: {read: ..., closed_book: ..., note: ..., best_last: false, ...}
       match: contains           # contains | em
-    data: {path: ..., format: auto, ds_size: 200, offset: 0}
+    data: {path: ..., format: auto, ds_size: 200, offset: 0, unrelated_per_kind: null}
     trainer: {default_root_dir: runs/eren_cfh}
 """
 
@@ -87,7 +87,8 @@ def run_config(cfg: dict, reader=None, encoder=None, progress: bool = True) -> d
     editor = build_editor(model_cfg, reader, encoder)
     out = Path((cfg.get("trainer") or {}).get("default_root_dir", "runs/eren"))
     cases, summary = evaluate_editor(editor, records, dataset=Path(data_cfg["path"]).stem, T=cfg.get("T"),
-                                     rule=model_cfg.get("match", "contains"), progress=progress)
+                                     rule=model_cfg.get("match", "contains"),
+                                     unrelated_per_kind=data_cfg.get("unrelated_per_kind"), progress=progress)
     summary["reader"] = model_cfg.get("model", "smollm2") if model_cfg.get("reader", "hf") == "hf" else \
         f"openai:{(model_cfg.get('openai') or {}).get('model')}"
     summary["encoder"], summary["k"] = editor.notebook.encoder.name, editor.k
