@@ -23,3 +23,12 @@ def margin_routing_loss(in_scope: Tensor, out_scope: Tensor, alpha: float, beta:
     e, i = in_scope.float(), out_scope.float()
     return (F.relu(i - alpha).mean() + F.relu(beta - e).mean()
             + F.relu(gamma - (e[:, None] - i[None, :])).mean())
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over positions (Hinton's
+    scaling keeps the gradient size independent of ``T``)."""
+    t = temperature
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import encode_pairs
-from repair_pl.losses import margin_routing_loss
+from repair_pl.losses import distillation_loss, margin_routing_loss
 from repair_pl.models import decoder_layers, load_model
 from repair_pl.placement import PlacedStrategy, accelerator_for, check_device_map, dispatch, module_device
 from repair_pl.side_memory import SideMemory
@@ -93,6 +93,9 @@ class RepairModule(L.LightningModule):
         cluster_size, cluster_method, heterogeneous: see
             :class:`~repair_pl.callbacks.DistributionAwareMemory`.
         tau_prune, max_retries: see :class:`~repair_pl.callbacks.ErrorFeedback`.
+        distillation, distill_weight, distill_temperature: REPAIR's in-batch distillation (off by
+            default): later edits of a shard keep the shard's first edit's output
+            (:class:`~repair_pl.callbacks.InBatchDistillation`).
         edit_batch_size: REPAIR edits the stream in batches of this many records (clustered
             inside, merged and re-checked between batches); ``None``: the whole chunk.
         dtype: dtype of the frozen model (the side memory is always fp32).
@@ -117,7 +120,8 @@ class RepairModule(L.LightningModule):
                  routing_tolerance: float = float("inf"), stagnation_window: int = 5,
                  divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
-                 max_retries: int = 2, edit_batch_size: int | None = None,
+                 max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
+                 distill_temperature: float = 2.0, edit_batch_size: int | None = None,
                  dtype: str = "float32", device_map: str | dict[str, int | str] | None = None,
                  eval_batch_size: int = 16, max_length: int | None = 256, seed: int = 0):
         super().__init__()
@@ -162,6 +166,7 @@ class RepairModule(L.LightningModule):
         self.step_stats: dict[str, float] = {}
         self.shard_plan: list[list[EditRecord]] | None = None
         self.edit_start_weight: Tensor | None = None
+        self.distill_teacher: tuple | None = None  # set by InBatchDistillation for one edit
         self._lower: tuple[tuple, dict] | None = None
         self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
         self._retries: list[tuple[EditRecord, EditResult]] = []
@@ -314,9 +319,32 @@ class RepairModule(L.LightningModule):
         routing = routing.to(edit_loss.device)
         n_first = int(predicting[0].sum())  # the bare prompt's answer positions come first
         correct = bool((logits[:n_first].argmax(-1) == labels[:n_first]).all())
-        return {"loss": edit_loss + hp.routing_weight * routing, "edit_loss": edit_loss, "routing_loss": routing,
+        loss, distill = edit_loss + hp.routing_weight * routing, edit_loss.new_zeros(())
+        if self.distill_teacher is not None:
+            t_lower, t_positions, t_logits, weight, temperature = self.distill_teacher
+            with self.memory.routing(None):
+                distill = distillation_loss(self.upper_forward(t_lower, t_positions), t_logits, temperature)
+            loss = loss + weight * distill
+        return {"loss": loss, "edit_loss": edit_loss, "routing_loss": routing, "distill_loss": distill.detach(),
                 "in_scope": scores[0].detach(), "out_scope": scores[~is_edit].max().detach(),
                 "target_correct": torch.tensor(float(correct))}
+
+    @torch.no_grad()
+    def answer_logits(self, record: EditRecord) -> tuple[tuple, Tensor, Tensor]:
+        """``(lower states, answer positions, logits there)`` of ``prompt + target`` through the
+        side memory as it trains (mode "edit"): the teacher of in-batch distillation."""
+        enc = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length).to(self.device)
+        predicting = torch.zeros_like(enc.answer_mask)
+        predicting[:, :-1] = enc.answer_mask[:, 1:]
+        lower = self.lower_states({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
+        previous = self.memory.mode
+        self.memory.mode = "edit"
+        try:
+            with self.memory.routing(None):
+                logits = self.upper_forward(lower, predicting)
+        finally:
+            self.memory.mode = previous
+        return lower, predicting, logits
 
     # ---- Lightning hooks ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -358,7 +386,7 @@ class RepairModule(L.LightningModule):
     def _build_callbacks(self) -> list[L.Callback]:
         """REPAIR's components from the flags (``None`` = on for ``repair``, off otherwise)."""
         from repair_pl.callbacks import (ClosedLoopFeedback, DistributionAwareMemory, ErrorFeedback,
-                                         MemoryMerging, ProgressiveIntervention)
+                                         InBatchDistillation, MemoryMerging, ProgressiveIntervention)
 
         hp = self.hparams
 
@@ -376,6 +404,8 @@ class RepairModule(L.LightningModule):
             callbacks.append(DistributionAwareMemory(hp.cluster_size, method=hp.cluster_method,
                                                      heterogeneous=hp.heterogeneous, seed=hp.seed))
             callbacks.append(MemoryMerging(loss_aware=hp.loss_aware_merge))
+        if hp.distillation:  # after the shard plan exists, before error feedback's re-edits
+            callbacks.append(InBatchDistillation(hp.distill_weight, hp.distill_temperature))
         if on(hp.error_feedback):  # after merging: re-checks the merged memory
             callbacks.append(ErrorFeedback(tau_prune=hp.tau_prune, max_retries=hp.max_retries))
         return callbacks

@@ -212,3 +212,38 @@ def test_wise_is_repair_with_every_component_off():
     assert RepairModule(tiny_llama(), char_tokenizer(), method="wise", **TINY).edit_callbacks == []
     ablated = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, **TINY)
     assert "ProgressiveIntervention" not in [type(cb).__name__ for cb in ablated.edit_callbacks]
+
+
+def _drift_of_first_edit(distillation: bool) -> tuple[float, dict]:
+    """KL of the shard's first edit's answer logits, after the shard's second edit, from right after the first."""
+    from repair_pl.losses import distillation_loss
+
+    torch.manual_seed(0)
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, closed_loop=False,
+                          error_feedback=False, cluster_size=2, distillation=distillation, distill_weight=5.0,
+                          **TINY)
+    module.edit_callbacks[0].n_clusters = 1  # A and C in one shard, A first
+    stream = module.edit_stream([A, C], progress=False)
+    next(stream)  # A edited
+    _, _, teacher = module.answer_logits(A)
+    next(stream)  # C edited (with or without distillation towards A's output); the shard is stored
+    with torch.no_grad():
+        module.memory.side.copy_(module.memory.shards[-1])
+    _, _, after = module.answer_logits(A)
+    list(stream)
+    return float(distillation_loss(after, teacher)), module.intervention_counts()
+
+
+def test_in_batch_distillation_keeps_the_first_edit_of_a_shard():
+    drift_with, counts = _drift_of_first_edit(True)
+    drift_without, counts_off = _drift_of_first_edit(False)
+    assert counts["distilled_edits"] == 1 and "distilled_edits" not in counts_off
+    assert drift_with < 0.5 * drift_without
+
+
+def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
+    from repair_pl.losses import distillation_loss
+
+    logits = torch.randn(4, 10)
+    assert float(distillation_loss(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(logits, logits + torch.randn(4, 10))) > 0
