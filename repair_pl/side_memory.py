@@ -163,24 +163,30 @@ class SideMemory(nn.Module):
             side_out = F.linear(x.to(self.side.dtype), self.side)
             self.last_scores = self._scores(side_out - main_out.float())
             return side_out.to(main_out.dtype)
-        outputs = [F.linear(x.to(w.dtype), w).to(main_out.dtype) for w in self.inference_weights()]
+        weights = self.inference_weights()
         if getattr(self, "_sticky_on", False) and self.sticky is not None:
-            choice = self.sticky
+            # Generation past the prompt: the decision is known, so only the chosen memories'
+            # outputs are computed (none when no sequence is routed); the result is the same.
+            self.last_choice, out = self.sticky, main_out
+            for k in self._sticky_used:
+                side_out = F.linear(x.to(weights[k].dtype), weights[k]).to(main_out.dtype)
+                out = torch.where((self.sticky == k).view(-1, *([1] * (x.dim() - 1))), side_out, out)
+            return out
+        outputs = [F.linear(x.to(w.dtype), w).to(main_out.dtype) for w in weights]
+        scores = torch.stack([self._scores(out - main_out) for out in outputs], dim=-1)  # (B, K)
+        if self.memories:
+            # Retrieve (ours): memories differ in scale, so each score is taken relative to
+            # its memory's own min in-scope score; route when the best ratio beats act_ratio.
+            scales = self.memory_scales + [self.period_min or self.min_in_scope]
+            ratios = scores / torch.tensor(scales, dtype=scores.dtype, device=scores.device)
+            best, index = ratios.max(dim=-1)
+            choice = torch.where(best > self.act_ratio, index, torch.full_like(index, -1))
         else:
-            scores = torch.stack([self._scores(out - main_out) for out in outputs], dim=-1)  # (B, K)
-            if self.memories:
-                # Retrieve (ours): memories differ in scale, so each score is taken relative to
-                # its memory's own min in-scope score; route when the best ratio beats act_ratio.
-                scales = self.memory_scales + [self.period_min or self.min_in_scope]
-                ratios = scores / torch.tensor(scales, dtype=scores.dtype, device=scores.device)
-                best, index = ratios.max(dim=-1)
-                choice = torch.where(best > self.act_ratio, index, torch.full_like(index, -1))
-            else:
-                best, index = scores.max(dim=-1)
-                choice = torch.where(best > self.epsilon, index, torch.full_like(index, -1))
-            self.last_scores = best
-            if getattr(self, "_sticky_on", False):
-                self.sticky = choice
+            best, index = scores.max(dim=-1)
+            choice = torch.where(best > self.epsilon, index, torch.full_like(index, -1))
+        self.last_scores = best
+        if getattr(self, "_sticky_on", False):
+            self.sticky, self._sticky_used = choice, sorted(set(choice[choice >= 0].tolist()))
         self.last_choice = choice
         out = main_out
         for k, side_out in enumerate(outputs):

@@ -1,0 +1,546 @@
+#!/usr/bin/env python
+"""Speed and cost bench of lifelong editing, in one process, printed as ratios side by side.
+
+    python scripts/bench.py                              # all parts, quick sizes (~5 min on 2 CPU cores)
+    python scripts/bench.py --parts 1 3                  # only some parts
+    python scripts/bench.py --full                       # the documented full sizes (see README "Speed")
+    python scripts/bench.py --device cuda --dtype bfloat16 --model /path/to/Meta-Llama-3-8B-Instruct
+
+Parts:
+  1. Lightning overhead: ``RepairModule.edit`` (one short ``Trainer.fit`` per edit) against a plain
+     torch loop doing the identical steps on the identical batch; both must end with the same
+     side-memory weights (checked) so the ratio compares equal work.
+  2. REPAIR vs WISE at equal settings on T ZsRE records: seconds and steps per edit, training
+     seconds per edit, side-memory size, peak memory, Rel/Gen/Loc.
+  3. Inference latency of the edited model (side memory + router) against the unedited one on
+     the same prompts: forward at batch 1 and 16, and ``generate()`` with a KV cache.
+  4. Peak memory growth over a stream of cheap edits (must stay within the stored shards + 50 MB).
+  5. Edits per second of a long stream in a cheap configuration, with its Rel and Loc.
+
+Writes ``OUT/bench.json`` and ``OUT/BENCH.md`` (``--out``, default ``runs/bench``). The frozen
+model runs in ``--dtype``; the side memory is always fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from repair_pl.data.datamodule import DEMO_PATH, fill_routing_prompts  # noqa: E402
+from repair_pl.data.formats import load_records  # noqa: E402
+from repair_pl.evaluate import evaluate_records  # noqa: E402
+
+ZSRE = "data/zsre/zsre_edit_1000.json"
+TINY_SETTINGS = dict(n_prefixes=2, layer=2, lr=10.0, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
+                     norm_constraint=None)
+"""Margins scaled to the tiny random model's activation norms (as in the unit tests)."""
+LLAMA3_SETTINGS = dict(layer=29, eval_batch_size=32)
+"""WISE's published layer for Llama-3-8B (configs/llama3_8b.yaml)."""
+# The cheapest stream configuration found on SmolLM2 that keeps Rel >= 0.8 and Loc >= 0.98
+# (README "Speed"); other models start from the same settings.
+CHEAP_STREAM = dict(method="repair", max_steps=30, n_prefixes=3, distribution_aware=False, error_feedback=False)
+
+
+# ---- set-up ------------------------------------------------------------------------------------
+def model_settings(model: str) -> dict:
+    """RepairModule arguments that depend on the model (layer, margins)."""
+    if model == "tiny-random":
+        return dict(TINY_SETTINGS)
+    if "llama-3" in model.lower():
+        return dict(LLAMA3_SETTINGS)
+    return {}
+
+
+def load_editor(model: str, device: str = "cpu", dtype: str = "float32", **kwargs):
+    """A RepairModule on ``device`` whose per-edit fits run there too."""
+    from repair_pl.module import RepairModule
+
+    module = RepairModule(model, dtype=dtype, **{**model_settings(model), **kwargs})
+    module.to(device)
+    module.trainer_kwargs = {"accelerator": "gpu" if str(device).startswith("cuda") else "cpu", "devices": 1}
+    return module
+
+
+def free(module) -> None:
+    """Drop a module and give its memory back before the next part loads one."""
+    del module
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def read_records(path: str, n: int) -> list:
+    """The first ``n`` records of ``path`` (``demo`` for the bundled set), cycled when it has fewer."""
+    records, _ = load_records(DEMO_PATH if path == "demo" else path)
+    records = fill_routing_prompts(records)
+    return [records[i % len(records)] for i in range(n)]
+
+
+def device_info(device: str, dtype: str) -> dict:
+    """What the numbers were measured on."""
+    info = {"device": device, "dtype": dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info["cpu"], info["cpu_cores"] = cpu, os.cpu_count()
+    return info
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory inside a ``with`` block: CUDA max allocated on a GPU, else the process RSS
+    sampled every few milliseconds (RSS has no resettable peak). ``peak_mb``, ``start_mb``."""
+
+    def __init__(self, device: str, interval: float = 0.005):
+        self.cuda, self.interval = str(device).startswith("cuda"), interval
+
+    @staticmethod
+    def rss_mb() -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    def now_mb(self) -> float:
+        return torch.cuda.memory_allocated() / 2**20 if self.cuda else self.rss_mb()
+
+    def __enter__(self):
+        self.start_mb = self.peak_mb = self.now_mb()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+
+def side_memory_mb(module) -> dict:
+    """Sizes of what the edits occupy: ``side`` (W'), ``shards`` (stored shards and retrieve
+    memories), ``total`` (also the merged copy and the mask)."""
+    m = module.memory
+
+    def mb(tensors) -> float:
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+    side, shards = mb([m.side]), mb(list(m.shards) + list(m.memories))
+    return {"side": side, "shards": shards, "total": side + shards + mb([m.merged, m.mask])}
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---- part 1: Lightning overhead ------------------------------------------------------------------
+def plain_edit(module, record, steps: int) -> None:
+    """``RepairModule.edit`` for ``method="wise"`` without Lightning: the same prepared batch,
+    the same cached lower states, SGD, gradient mask and clamp, ``steps`` steps, and the same
+    bookkeeping after the edit (routing threshold)."""
+    memory, hp = module.memory, module.hparams
+    batch = {k: v.to(module.device) for k, v in module.prepare_edit(record).items()}
+    start_weight = memory.side.detach().clone()
+    memory.mode = "edit"
+    memory.invalidate()
+    module.train()
+    lower = module.lower_states(batch)
+    optimizer = torch.optim.SGD([memory.side], lr=hp.lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = module.edit_losses(batch, lower)
+        out["loss"].backward()
+        memory.side.grad.mul_(memory.mask)
+        optimizer.step()
+        if hp.norm_constraint is not None:
+            c = hp.norm_constraint
+            with torch.no_grad():
+                memory.side.copy_(torch.clamp(memory.side, start_weight - c, start_weight + c))
+    module.eval()
+    memory.mode = "route"
+    memory.invalidate()
+    memory.record_in_scope(module.in_scope_score(record))
+    memory.note_edit_loss(float(out["edit_loss"].detach()))
+    module.edit_count += 1
+
+
+def _edit_state(module) -> dict:
+    m = module.memory
+    return {"side": m.side.detach().clone(), "min_in_scope": m.min_in_scope, "period_min": m.period_min,
+            "current_losses": list(m.current_losses), "edit_count": module.edit_count}
+
+
+def _restore(module, state: dict) -> None:
+    m = module.memory
+    with torch.no_grad():
+        m.side.copy_(state["side"])
+    m.min_in_scope, m.period_min = state["min_in_scope"], state["period_min"]
+    m.current_losses, module.edit_count = list(state["current_losses"]), state["edit_count"]
+    m.invalidate()
+
+
+def lightning_overhead(module, records, steps: int, device: str = "cpu") -> dict:
+    """Per edit: Lightning ``edit`` then, from the same starting state, the plain loop; the
+    two must reach the same weights. The first record warms both paths up and is not timed."""
+    module.method, module.hparams.method, module.hparams.max_steps = "wise", "wise", steps
+    module.edit_callbacks = []  # WISE: no callbacks, so both run exactly ``steps`` steps
+    lightning, plain, max_diff = [], [], 0.0
+    for i, record in enumerate(records):
+        before = _edit_state(module)
+        sync(device)
+        t0 = time.perf_counter()
+        result = module.edit(record)
+        sync(device)
+        t1 = time.perf_counter()
+        if result.steps != steps:
+            raise RuntimeError(f"the Lightning edit ran {result.steps} steps, expected {steps}")
+        after = _edit_state(module)
+        _restore(module, before)
+        sync(device)
+        t2 = time.perf_counter()
+        plain_edit(module, record, steps)
+        sync(device)
+        t3 = time.perf_counter()
+        diff = float((module.memory.side.detach() - after["side"]).abs().max())
+        if not torch.allclose(module.memory.side.detach(), after["side"], rtol=1e-4, atol=1e-5):
+            raise AssertionError(f"plain loop and Lightning edit disagree on edit {i} (max diff {diff:.3g})")
+        max_diff = max(max_diff, diff)
+        if i > 0:
+            lightning.append(t1 - t0)
+            plain.append(t3 - t2)
+    l_s, p_s = median(lightning), median(plain)
+    return {"edits": len(lightning), "steps": steps, "lightning_s_per_edit": l_s, "plain_s_per_edit": p_s,
+            "overhead_s_per_edit": l_s - p_s, "ratio": l_s / p_s, "overhead_pct": 100 * (l_s / p_s - 1),
+            "max_weight_diff": max_diff, "target_pct": 10.0}
+
+
+# ---- part 2: REPAIR vs WISE ------------------------------------------------------------------
+def run_stream(module, records, device: str = "cpu", reference=None) -> dict:
+    """Edit ``records`` as one stream, then score them; wall time includes REPAIR's batch hooks
+    (clustering, merging, re-checks), training seconds only the per-edit fits."""
+    hp = module.hparams
+    with PeakMemory(device) as peak:
+        sync(device)
+        t0 = time.perf_counter()
+        steps, train_s, n_results, failed = 0, 0.0, 0, {}
+        for record, result in module.edit_stream(records, progress=False):
+            steps, train_s, n_results = steps + result.steps, train_s + result.seconds, n_results + 1
+            failed[id(record)] = not result.success
+        sync(device)
+        wall = time.perf_counter() - t0
+    post = evaluate_records(module.logits_fn(edited=True), module.tokenizer, records, reference=reference,
+                            batch_size=hp.eval_batch_size, max_length=hp.max_length, device=module.device)
+    n = len(records)
+    return {"method": module.method, "n_edits": n, "seconds_per_edit": wall / n, "edits_per_second": n / wall,
+            "train_seconds_per_edit": train_s / n, "steps_per_edit": steps / n, "fits": n_results,
+            "n_failed": sum(failed.values()), "side_memory_mb": side_memory_mb(module),
+            "peak_mb": peak.peak_mb, "peak_growth_mb": peak.peak_mb - peak.start_mb,
+            "post": {k: post.means[k] for k in ("rewrite_acc", "rephrase_acc", "locality") if k in post.means}}
+
+
+def pre_reference(module, records):
+    """Locality predictions of the unedited model (the reference of post-edit locality)."""
+    hp = module.hparams
+    return evaluate_records(module.logits_fn(edited=False), module.tokenizer, records, batch_size=hp.eval_batch_size,
+                            max_length=hp.max_length, device=module.device).locality_preds
+
+
+def repair_vs_wise(model: str, records, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                   methods=("wise", "repair"), **settings) -> dict:
+    """Each method on a freshly loaded model, same seed and settings; ratios against the first."""
+    import lightning as L
+
+    out, reference = {}, None
+    for method in methods:
+        L.seed_everything(seed, verbose=False)
+        module = load_editor(model, device, dtype, method=method, seed=seed, **settings)
+        if reference is None:
+            reference = pre_reference(module, records)
+        out[method] = run_stream(module, records, device, reference)
+        free(module)
+    base = out[methods[0]]
+    for method in methods[1:]:
+        out[method]["seconds_ratio_vs_" + methods[0]] = out[method]["seconds_per_edit"] / base["seconds_per_edit"]
+        out[method]["steps_ratio_vs_" + methods[0]] = out[method]["steps_per_edit"] / max(base["steps_per_edit"], 1e-9)
+    return out
+
+
+# ---- part 3: inference latency ------------------------------------------------------------------
+def inference_latency(module, prompts: list[str], batch_sizes=(1, 16), repeats: int = 5, gen_prompts: int = 32,
+                      gen_tokens: int = 16, gen_batch: int = 16, device: str = "cpu") -> dict:
+    """Edited (routed) vs unedited forward passes on the same prompts, alternating per batch so
+    both see the same machine load; per repeat the totals, then medians over repeats."""
+    if module.memory.epsilon is None:
+        raise ValueError("edit the module first: routing is only active after an edit")
+    tok = module.tokenizer
+    out: dict = {}
+    routed = []
+    for bs in batch_sizes:
+        batches = [tok(prompts[i: i + bs], return_tensors="pt", padding=True).to(module.device)
+                   for i in range(0, len(prompts), bs)]
+        totals = {True: [], False: []}
+        with torch.inference_mode():
+            for r in range(repeats + 1):  # the first round warms up
+                spent = {True: 0.0, False: 0.0}
+                for j, enc in enumerate(batches):
+                    for edited in ((True, False) if (j + r) % 2 == 0 else (False, True)):
+                        fn = module.logits_fn(edited=edited)
+                        sync(device)
+                        t0 = time.perf_counter()
+                        fn(enc.input_ids, enc.attention_mask, enc.attention_mask)
+                        sync(device)
+                        spent[edited] += time.perf_counter() - t0
+                        if edited and r == 0 and bs == batch_sizes[0]:
+                            routed += (module.memory.last_choice >= 0).tolist()
+                if r > 0:
+                    for k in spent:
+                        totals[k].append(spent[k])
+        e, u = median(totals[True]), median(totals[False])
+        out[f"forward_b{bs}"] = {"edited_ms_per_prompt": 1000 * e / len(prompts),
+                                 "unedited_ms_per_prompt": 1000 * u / len(prompts), "ratio": e / u,
+                                 "overhead_pct": 100 * (e / u - 1)}
+    gen = prompts[:gen_prompts]
+    totals = {True: [], False: []}
+    for r in range(repeats + 1):
+        spent = {True: 0.0, False: 0.0}
+        for j in range(0, len(gen), gen_batch):
+            for edited in ((True, False) if (j // gen_batch + r) % 2 == 0 else (False, True)):
+                sync(device)
+                t0 = time.perf_counter()
+                module.generate(gen[j: j + gen_batch], max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
+                                edited=edited)
+                sync(device)
+                spent[edited] += time.perf_counter() - t0
+        if r > 0:
+            for k in spent:
+                totals[k].append(spent[k])
+    e, u = median(totals[True]), median(totals[False])
+    n_tokens = len(gen) * gen_tokens
+    out["generate"] = {"edited_ms_per_token": 1000 * e / n_tokens, "unedited_ms_per_token": 1000 * u / n_tokens,
+                       "ratio": e / u, "overhead_pct": 100 * (e / u - 1), "batch": gen_batch, "prompts": len(gen),
+                       "new_tokens": gen_tokens}
+    out["prompts"], out["repeats"] = len(prompts), repeats
+    out["routed_share"] = sum(routed) / max(len(routed), 1)
+    out["target_pct"] = 5.0
+    return out
+
+
+# ---- part 4: memory growth ------------------------------------------------------------------------
+def memory_growth(module, records, device: str = "cpu", warmup: int = 5, every: int = 50) -> dict:
+    """Peak memory over a stream of edits after ``warmup`` edits, against the peak during the
+    warm-up; growth must stay within the stored shards + 50 MB."""
+    pm, warmup = PeakMemory(device), min(warmup, len(records) // 2)
+    with PeakMemory(device) as warm:
+        for record in records[:warmup]:
+            module.edit(record)
+    series, shards_max = [], 0.0
+    with PeakMemory(device) as rest:
+        for i, record in enumerate(records[warmup:], start=warmup + 1):
+            module.edit(record)
+            shards_max = max(shards_max, side_memory_mb(module)["shards"])
+            if i % every == 0 or i == len(records):
+                series.append((i, pm.now_mb()))
+    growth = rest.peak_mb - warm.peak_mb
+    return {"edits": len(records), "max_steps": module.hparams.max_steps, "warmup_peak_mb": warm.peak_mb,
+            "peak_mb": rest.peak_mb, "growth_mb": growth, "stored_shards_mb_max": shards_max,
+            "limit_mb": shards_max + 50.0, "ok": growth <= shards_max + 50.0, "series_mb": series,
+            "measure": "cuda max allocated" if pm.cuda else "process RSS"}
+
+
+# ---- the report --------------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    """The BENCH.md tables."""
+    d = result["device"]
+    where = d.get("gpu") or f"{d['cpu']} ({d['cpu_cores']} cores, {d['threads']} threads)"
+    lines = [f"# Speed bench: {result['model']}", "",
+             f"{where}; torch {d['torch']}; frozen weights {d['dtype']}, side memory float32; "
+             f"command: `{result['command']}`", ""]
+    if "1" in result:
+        r = result["1"]
+        lines += ["## 1. Lightning overhead per edit", "",
+                  "| Lightning edit (s) | plain loop (s) | ratio | overhead | target | steps | edits | max weight diff |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {r['lightning_s_per_edit']:.3f} | {r['plain_s_per_edit']:.3f} | {r['ratio']:.3f} | "
+                  f"{r['overhead_pct']:+.1f}% | <= 10% | {r['steps']} | {r['edits']} | {r['max_weight_diff']:.1e} |", ""]
+    for key, title in (("2", "## 2. REPAIR vs WISE (and cost analysis)"), ("5", "## 5. Long stream, cheap configuration")):
+        if key not in result:
+            continue
+        rows = result[key]["methods"] if key == "2" else {result[key]["run"]["method"]: result[key]["run"]}
+        lines += [title, "", f"{next(iter(rows.values()))['n_edits']} ZsRE edits; settings: "
+                  f"`{json.dumps(result[key]['settings'])}`", "",
+                  "| method | s/edit | ratio | edits/s | train s/edit | steps/edit | failed | Rel | Gen | Loc | "
+                  "side MB | shards MB | peak MB |", "|---|" + "---|" * 12]
+        first = next(iter(rows.values()))
+        for name, r in rows.items():
+            p = r["post"]
+            lines.append(f"| {name} | {r['seconds_per_edit']:.3f} | {r['seconds_per_edit'] / first['seconds_per_edit']:.2f} | "
+                         f"{r['edits_per_second']:.2f} | {r['train_seconds_per_edit']:.3f} | {r['steps_per_edit']:.1f} | "
+                         f"{r['n_failed']} | {p.get('rewrite_acc', float('nan')):.3f} | "
+                         f"{p.get('rephrase_acc', float('nan')):.3f} | {p.get('locality', float('nan')):.3f} | "
+                         f"{r['side_memory_mb']['side']:.2f} | {r['side_memory_mb']['shards']:.2f} | {r['peak_mb']:.0f} |")
+        lines.append("")
+    if "3" in result:
+        r = result["3"]
+        lines += ["## 3. Inference latency, edited (routed) vs unedited", "",
+                  f"{r['prompts']} prompts, median of {r['repeats']} repeats; share routed to the side memory: "
+                  f"{r['routed_share']:.2f}", "", "| pass | edited | unedited | ratio | overhead | target |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in r.items():
+            if k.startswith("forward_b"):
+                lines.append(f"| forward, batch {k[9:]} | {v['edited_ms_per_prompt']:.2f} ms/prompt | "
+                             f"{v['unedited_ms_per_prompt']:.2f} ms/prompt | {v['ratio']:.3f} | {v['overhead_pct']:+.1f}% | <= 5% |")
+        g = r["generate"]
+        lines += [f"| generate (KV cache, batch {g['batch']}, {g['prompts']} prompts x {g['new_tokens']} tokens) | "
+                  f"{g['edited_ms_per_token']:.2f} ms/token | {g['unedited_ms_per_token']:.2f} ms/token | "
+                  f"{g['ratio']:.3f} | {g['overhead_pct']:+.1f}% | <= 5% |", ""]
+    if "4" in result:
+        r = result["4"]
+        lines += ["## 4. Memory over a stream of edits", "",
+                  f"{r['edits']} edits of {r['max_steps']} steps; {r['measure']}", "",
+                  "| peak during warm-up | peak after | growth | stored shards (max) | limit | within |",
+                  "|---|---|---|---|---|---|",
+                  f"| {r['warmup_peak_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['growth_mb']:+.1f} MB | "
+                  f"{r['stored_shards_mb_max']:.1f} MB | {r['limit_mb']:.1f} MB | {'yes' if r['ok'] else 'NO'} |", ""]
+    return "\n".join(lines) + "\n"
+
+
+QUICK = dict(overhead_edits=4, overhead_steps=20, T=10, prompts=64, repeats=3, gen_prompts=16, gen_tokens=8,
+             mem_edits=60, stream_n=20)
+FULL = dict(overhead_edits=11, overhead_steps=70, T=50, prompts=200, repeats=5, gen_prompts=64, gen_tokens=16,
+            mem_edits=500, stream_n=1000)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Sizes default to the quick run; --full sets the documented full sizes "
+                                       "(explicit flags still win).")
+    p.add_argument("--parts", nargs="+", default=["1", "2", "3", "4", "5"], choices=list("12345"))
+    p.add_argument("--model", default="smollm2", help="smollm2, tiny-random, or a local Llama folder "
+                   "(e.g. Meta-Llama-3-8B-Instruct: its WISE layer 29 is used)")
+    p.add_argument("--data", default=ZSRE, help="edit records (ZsRE); 'demo' for the bundled set")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="of the frozen model; the side memory is fp32")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    p.add_argument("--full", action="store_true", help="the documented full sizes")
+    p.add_argument("--overhead-edits", type=int, help="part 1: timed edits (plus one warm-up)")
+    p.add_argument("--overhead-steps", type=int, help="part 1: fixed steps per edit")
+    p.add_argument("-T", "--T", type=int, help="part 2: records per method")
+    p.add_argument("--max-steps", type=int, default=70, help="part 2: step budget of both methods")
+    p.add_argument("--prompts", type=int, help="part 3: prompts timed")
+    p.add_argument("--repeats", type=int, help="part 3: repeats (median)")
+    p.add_argument("--gen-prompts", type=int, help="part 3: prompts generated from")
+    p.add_argument("--gen-tokens", type=int, help="part 3: new tokens per prompt")
+    p.add_argument("--mem-edits", type=int, help="part 4: edits in the stream")
+    p.add_argument("--mem-steps", type=int, default=3, help="part 4: steps per edit (cheap)")
+    p.add_argument("--save-freq", type=int, default=50, help="part 4: store a shard every N edits")
+    p.add_argument("--merge-freq", type=int, default=250, help="part 4: merge the shards every N edits")
+    p.add_argument("-n", "--n", dest="stream_n", type=int, help="part 5: edits in the stream")
+    p.add_argument("--stream", default=json.dumps(CHEAP_STREAM), help="part 5: RepairModule settings (JSON)")
+    args = p.parse_args(argv)
+    for key, value in (FULL if args.full else QUICK).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA GPU")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev, dtype, model = args.device, args.dtype, args.model
+    result: dict = {"model": model, "device": device_info(dev, dtype),
+                    "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    n_records = max(args.overhead_edits + 1, args.T, args.prompts, args.mem_edits, args.stream_n)
+    records = read_records(args.data, n_records)
+
+    def show(part: str) -> None:
+        print(_section(result, part), flush=True)
+
+    if "1" in args.parts:
+        module = load_editor(model, dev, dtype, seed=args.seed)
+        result["1"] = lightning_overhead(module, records[: args.overhead_edits + 1], args.overhead_steps, dev)
+        free(module)
+        show("1")
+    if "2" in args.parts:
+        settings = {"max_steps": args.max_steps}
+        result["2"] = {"settings": settings, "methods": repair_vs_wise(model, records[: args.T], dev, dtype, args.seed,
+                                                                      **settings)}
+        show("2")
+    if "3" in args.parts:
+        module = load_editor(model, dev, dtype, seed=args.seed)
+        for record in records[:5]:
+            module.edit(record)
+        prompts = [r.prompt for r in records[: args.prompts]]
+        result["3"] = inference_latency(module, prompts, repeats=args.repeats, gen_prompts=args.gen_prompts,
+                                        gen_tokens=args.gen_tokens, device=dev)
+        free(module)
+        show("3")
+    if "4" in args.parts:
+        module = load_editor(model, dev, dtype, seed=args.seed, max_steps=args.mem_steps, save_freq=args.save_freq,
+                             merge_freq=args.merge_freq)
+        result["4"] = memory_growth(module, records[: args.mem_edits], dev)
+        free(module)
+        show("4")
+    if "5" in args.parts:
+        import lightning as L
+
+        settings = json.loads(args.stream)
+        L.seed_everything(args.seed, verbose=False)
+        module = load_editor(model, dev, dtype, seed=args.seed, **settings)
+        stream = records[: args.stream_n]
+        run = run_stream(module, stream, dev, pre_reference(module, stream))
+        result["5"] = {"settings": settings, "run": run,
+                       "ok": run["post"].get("rewrite_acc", 0) >= 0.8 and run["post"].get("locality", 0) >= 0.98}
+        free(module)
+        show("5")
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "BENCH.md").write_text(markdown(result))
+    print(f"bench: {out_dir / 'BENCH.md'}", flush=True)
+    return result
+
+
+def _section(result: dict, part: str) -> str:
+    """The markdown of one part (printed as soon as it is measured)."""
+    text = markdown({k: v for k, v in result.items() if not k.isdigit() or k == part})
+    return text.split("\n\n", 2)[-1]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""scripts/bench.py on the tiny random model with minimal sizes, so the bench cannot rot."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from repair_pl.data import EditRecord
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+RECORDS = [EditRecord(f"capital of x{i}?", f"ab{i}", locality=(("who is bob", "abc"),), routing_prompt=f"unrelated {i}")
+           for i in range(4)]
+
+
+def test_plain_loop_reaches_the_lightning_weights(bench):
+    module = bench.load_editor("tiny-random", max_steps=3)
+    out = bench.lightning_overhead(module, RECORDS[:2], steps=3)
+    assert out["edits"] == 1 and out["steps"] == 3
+    assert out["max_weight_diff"] <= 1e-5
+    assert module.edit_count == 2  # both edits kept, as the Lightning path would
+    assert not torch.equal(module.memory.side.detach(), module.memory.main.weight.float())
+
+
+def test_plain_loop_mismatch_is_caught(bench, monkeypatch):
+    module = bench.load_editor("tiny-random", max_steps=3)
+    original = bench.plain_edit
+    monkeypatch.setattr(bench, "plain_edit", lambda m, r, steps: original(m, r, steps + 2))
+    with pytest.raises(AssertionError, match="disagree"):
+        bench.lightning_overhead(module, RECORDS[:1], steps=3)
+
+
+def test_bench_main_writes_json_and_markdown(bench, tmp_path):
+    result = bench.main(["--model", "tiny-random", "--data", "demo", "--out", str(tmp_path), "--overhead-edits", "1",
+                         "--overhead-steps", "2", "-T", "2", "--max-steps", "2", "--prompts", "4", "--repeats", "1",
+                         "--gen-prompts", "2", "--gen-tokens", "2", "--mem-edits", "4", "--mem-steps", "1",
+                         "--save-freq", "2", "--merge-freq", "4", "-n", "2",
+                         "--stream", json.dumps({"method": "repair", "max_steps": 2})])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["device"]["torch"] == torch.__version__ and saved["device"]["dtype"] == "float32"
+    assert set("12345") <= set(saved)
+    assert saved["1"]["ratio"] > 0 and saved["2"]["methods"]["repair"]["seconds_ratio_vs_wise"] > 0
+    assert saved["3"]["forward_b16"]["ratio"] > 0 and saved["3"]["generate"]["ratio"] > 0
+    assert saved["3"]["routed_share"] >= 0 and saved["4"]["edits"] == 4
+    assert saved["4"]["stored_shards_mb_max"] > 0  # shards were stored between merges
+    assert saved["5"]["run"]["n_edits"] == 2 and "rewrite_acc" in saved["5"]["run"]["post"]
+    md = (tmp_path / "BENCH.md").read_text()
+    for title in ("Lightning overhead", "REPAIR vs WISE", "Inference latency", "Memory over", "Long stream"):
+        assert title in md
+    assert result["model"] == "tiny-random"
