@@ -8,6 +8,7 @@ Examples::
     python scripts/eren_eval.py --data cfh --n 20 --offset 200 --out runs/dev   # prompt tuning slice
     python scripts/eren_eval.py --bench-index                                   # retrieval speed at 10k notes
     python scripts/eren_eval.py --bench-notebook                                # add 10k notes (MiniLM) + query
+    python scripts/eren_eval.py --analyze runs/eren_cfh --min-score 0.7         # why questions fail
 
 Defaults come from ``configs/eren_<data>.yaml``; the flags override them. Writes
 ``results.json``, ``summary.json``, ``summary.md`` and the notebook under ``--out`` and prints
@@ -89,6 +90,27 @@ def bench_notebook(n: int = 10_000, k: int = 5, encoder: str | None = None) -> N
           f"own note in top-{k} for {found}/{len(probes)} probes ({torch.get_num_threads()} thread(s))")
 
 
+def analyze(folder: str, min_score: float | None) -> dict:
+    """ES/BP/EQ of a finished run as if run with the retrieval gate ``min_score`` (exact, from
+    its traces) and the share of questions lost at each step."""
+    import json
+
+    from repair_pl.eren.evaluate import failure_breakdown, gate_sweep
+
+    cases = json.loads((Path(folder) / "results.json").read_text())
+    rule = json.loads((Path(folder) / "summary.json").read_text()).get("match", "contains")
+    breakdown = failure_breakdown(cases, rule, min_score)
+    if min_score is not None:
+        gated = gate_sweep(cases, [min_score], rule)[f"{min_score:g}"]
+        print(f"with min_score {min_score}: ES {100 * gated['es']:.1f}  BP {100 * gated['bp']:.1f}  "
+              f"EQ {100 * gated['eq']:.1f}")
+    print(f"in-scope questions not answered with the new answer ({breakdown['n_in_scope']}): " +
+          ", ".join(f"{k} {100 * v:.1f}%" for k, v in breakdown["in_scope"].items()))
+    print(f"unrelated questions whose answer changed ({breakdown['n_unrelated']}): " +
+          ", ".join(f"{k} {100 * v:.1f}%" for k, v in breakdown["unrelated"].items()))
+    return breakdown
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=sorted(DATA), default="cfh")
@@ -109,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="override a prompt field (read, closed_book, note, best_last, ...); YAML value")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--bench-index", action="store_true", help="only time retrieval at 10k notes")
+    parser.add_argument("--analyze", metavar="RUN_DIR", default=None,
+                        help="only break down a finished run's failures (with --min-score: as if gated)")
     parser.add_argument("--bench-notebook", action="store_true",
                         help="only time adding 10k notes with the encoder (--encoder) and querying them")
     args = parser.parse_args(argv)
@@ -120,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.bench_index:
         bench_index()
         return None
+    if args.analyze:
+        return analyze(args.analyze, args.min_score)
     if args.bench_notebook:
         bench_notebook(encoder=args.encoder)
         return None

@@ -83,7 +83,8 @@ def test_min_score_gate_skips_the_reader():
     editor, reader = make_editor(ScriptedReader(always_answer=True), min_score=0.5)
     editor.edit("Peru capital: Lima")
     far = editor.answer("Who wrote Hamlet?")
-    assert far.text == "closed Who wrote Hamlet?" and far.notes == [] and not any("Notes:" in p for p in reader.prompts)
+    assert far.text == "closed Who wrote Hamlet?" and far.gated and far.read_output is None
+    assert len(far.notes) == 1 and not any("Notes:" in p for p in reader.prompts)
     assert editor.answer("Peru capital: which city?").text == "Lima"
 
 
@@ -184,3 +185,25 @@ def test_unrelated_subsample_per_kind():
     asked = [[q["question"] for q in c["eren"]["unrelated"]] for c in cases]
     assert asked == [["Chile capital?", "Peru anthem?"], ["Ringo instrument?", "Toko birthplace?"], ["Paul religion?"]]
     assert summary["n_queries"] == 6 + 5 and summary["unrelated_per_kind"] == 1
+
+
+def test_failure_breakdown_names_the_step_that_failed():
+    from repair_pl.eren.evaluate import failure_breakdown
+
+    def q(post, relevant, rank, score, pre="old", target="new"):
+        return {"pre": pre, "post": post, "target": target, "relevant": relevant, "own_note_rank": rank,
+                "scores": [score]}
+
+    in_scope = [q("It is new.", True, 1, 0.9),   # right
+                q("old", False, None, 0.8),      # own note not retrieved
+                q("old", False, 1, 0.9),         # reader said "unanswerable"
+                q("It is newer", True, 1, 0.6)]  # read, wrong answer (and below a 0.7 gate)
+    unrelated = [q("changed", True, 2, 0.8, pre="same"), q("same", False, 1, 0.3, pre="same")]
+    cases = [{"eren": {"in_scope": in_scope, "unrelated": unrelated}}]
+    plain = failure_breakdown(cases)
+    assert plain["in_scope"] == {"retrieval_miss": 0.25, "gated": 0.0, "judged_irrelevant": 0.25, "wrong_answer": 0.25}
+    assert plain["unrelated"] == {"judged_relevant": 0.5, "changed_after_fallback": 0.0}
+    gated = failure_breakdown(cases, min_score=0.7)
+    assert gated["in_scope"]["gated"] == 0.25 and gated["in_scope"]["wrong_answer"] == 0.0
+    in_scope[3]["gated"] = True  # a trace from a run with the gate on
+    assert failure_breakdown(cases)["in_scope"] == gated["in_scope"]

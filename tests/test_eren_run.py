@@ -123,3 +123,15 @@ def test_project_cli_dispatches_method_eren(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(config), "--model.prompts", "{reed: x}"])
     assert exit_info.value.code == 2 and "unknown model.prompts" in capsys.readouterr().err
+
+
+def test_eval_script_analyze(tmp_path, capsys):
+    cfg = {"model": {"method": "eren", "k": 1}, "data": {"path": str(cfh_file(tmp_path))},
+           "trainer": {"default_root_dir": str(tmp_path / "out")}}
+    run_config(cfg, reader=reader, encoder=HashEncoder(128), progress=False)
+    spec = importlib.util.spec_from_file_location("eren_eval", REPO / "scripts" / "eren_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    breakdown = script.main(["--analyze", str(tmp_path / "out"), "--min-score", "1.01"])  # gate shuts everything
+    assert breakdown["in_scope"]["gated"] == 1.0 and breakdown["unrelated"]["judged_relevant"] == 0.0
+    assert "ES 0.0  BP 100.0" in capsys.readouterr().out

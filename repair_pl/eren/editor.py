@@ -65,6 +65,8 @@ class Answer:
     notes: list[Note] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     read_output: str | None = None
+    gated: bool = False
+    """Sent closed-book unread because its best note scored below the editor's ``min_score``."""
 
 
 def first_line(text: str) -> str:
@@ -132,10 +134,10 @@ class ErenEditor:
     def answer_batch(self, questions: Sequence[str]) -> list[Answer]:
         """Answer many questions; each step is one batched reader call."""
         hits = self.notebook.search(list(questions), self.k)
-        if self.min_score is not None:  # a gate on the best score: all k notes or none
-            hits = [row if row and row[0][1] >= self.min_score else [] for row in hits]
         answers = [Answer("", False, [n for n, _ in row], [s for _, s in row]) for row in hits]
-        todo = [i for i, a in enumerate(answers) if a.notes]
+        for a in answers:  # a gate on the best score; the notes stay in the answer as a trace
+            a.gated = self.min_score is not None and bool(a.scores) and a.scores[0] < self.min_score
+        todo = [i for i, a in enumerate(answers) if a.notes and not a.gated]
         p = self.prompts
         if p.relevance is not None and todo:
             verdicts = generate_all(self.reader, [p.relevance.format(notes=self._notes_text(answers[i].notes),

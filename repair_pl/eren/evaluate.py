@@ -172,7 +172,7 @@ def _case(record: EditRecord, ins, out, pre: list[str], post, rule: str) -> dict
 
     def trace(answer, question: str, **extra) -> dict:
         ids = [n.meta.get("case_id") for n in answer.notes]
-        return {"question": question, **extra, "post": answer.text, "relevant": answer.relevant,
+        return {"question": question, **extra, "post": answer.text, "relevant": answer.relevant, "gated": answer.gated,
                 "read_output": answer.read_output, "notes": [n.id for n in answer.notes],
                 "scores": list(answer.scores),
                 "own_note_rank": ids.index(own) + 1 if own in ids else None}
@@ -216,6 +216,40 @@ def gate_sweep(cases: list[dict], thresholds: Sequence[float], rule: str = "cont
     return sweep
 
 
+def failure_breakdown(cases: list[dict], rule: str = "contains", min_score: float | None = None) -> dict:
+    """Why questions fail, from the traces in ``cases`` (as if run with ``min_score``).
+
+    In scope (the new answer is not given): ``retrieval_miss`` (the record's own note is not
+    among the retrieved ones), ``gated`` (its best score is below ``min_score``), ``judged_irrelevant``
+    (the reader said the notes do not answer it), ``wrong_answer`` (the reader answered from the
+    notes, but not with the new answer). Unrelated (the answer changed): ``gate_passed`` is not
+    counted separately; ``judged_relevant`` (the reader answered from the notes) and
+    ``changed_after_fallback`` (closed-book differed: should not happen, greedy decoding).
+    Shares are of all in-scope / all unrelated questions.
+    """
+    def gated(q: dict) -> bool:
+        return q.get("gated", False) or (min_score is not None and (not q["scores"] or q["scores"][0] < min_score))
+
+    ins = [q for c in cases for q in c["eren"]["in_scope"]]
+    outs = [q for c in cases for q in c["eren"]["unrelated"]]
+    miss = {"retrieval_miss": 0, "gated": 0, "judged_irrelevant": 0, "wrong_answer": 0}
+    for q in ins:
+        answer = q["pre"] if gated(q) else q["post"]
+        if answer_matches(answer, q["target"], rule):
+            continue
+        key = ("retrieval_miss" if q["own_note_rank"] is None else "gated" if gated(q) else
+               "wrong_answer" if q["relevant"] else "judged_irrelevant")
+        miss[key] += 1
+    changed = {"judged_relevant": 0, "changed_after_fallback": 0}
+    for q in outs:
+        answer = q["pre"] if gated(q) else q["post"]
+        if normalize_answer(answer) != normalize_answer(q["pre"]):
+            changed["judged_relevant" if q["relevant"] else "changed_after_fallback"] += 1
+    return {"in_scope": {k: v / max(len(ins), 1) for k, v in miss.items()},
+            "unrelated": {k: v / max(len(outs), 1) for k, v in changed.items()},
+            "n_in_scope": len(ins), "n_unrelated": len(outs), "min_score": min_score}
+
+
 def _summary(cases: list[dict], dataset: str, T: int, rule: str, timing: dict, diag: dict) -> dict:
     from repair_pl.lifelong import case_means
 
@@ -233,6 +267,7 @@ def _summary(cases: list[dict], dataset: str, T: int, rule: str, timing: dict, d
         "relevant_rate_in_scope": _mean([float(x) for x in diag["relevant_in"]]),
         "relevant_rate_unrelated": _mean([float(x) for x in diag["relevant_out"]]),
         "gate_sweep": gate_sweep(cases, GATE_THRESHOLDS, rule),
+        "failures": failure_breakdown(cases, rule),
         "n_queries": timing["n_post"],
         "seconds_per_edit": timing["edit"] / max(n, 1),
         "seconds_per_query": timing["post"] / max(timing["n_post"], 1),
