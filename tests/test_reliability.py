@@ -308,7 +308,7 @@ TINY_CLI = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "t
 
 
 class CliRun:
-    """The CLI in a subprocess, stdout in a file; knows when editing began."""
+    """The CLI in a subprocess, stdout in a file."""
 
     def __init__(self, args: list[str], log: Path):
         self.log = log
@@ -316,16 +316,16 @@ class CliRun:
         with open(log, "w") as f:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", *args], cwd=ROOT,
                                          stdout=f, stderr=subprocess.STDOUT, env=env)
-        self.started = time.monotonic()
+        self.started = time.time()
 
-    def wait_for_editing(self, timeout: float) -> float | None:
-        """Seconds until the pre-edit line appears (editing starts); None if the run ended first."""
-        while time.monotonic() - self.started < timeout:
-            if "pre-edit:" in self.log.read_text():
-                return time.monotonic() - self.started
+    def wait_for(self, ready, timeout: float) -> bool:
+        """Wait until ``ready()``; False if the run ended first."""
+        while time.time() - self.started < timeout:
+            if ready():
+                return True
             if self.proc.poll() is not None:
-                return None
-            time.sleep(0.05)
+                return False
+            time.sleep(0.02)
         raise TimeoutError(self.log.read_text()[-2000:])
 
     def finish(self, timeout: float) -> str:
@@ -333,34 +333,40 @@ class CliRun:
         return self.log.read_text()
 
 
-def kill_and_resume(args: list[str], folder: Path, kills: int, seed: int, timeout: float) -> list[str]:
+def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, timeout: float) -> list[str]:
     """Run the command to the end in this process (the reference), then in subprocesses into
-    ``folder/resumed``: SIGKILLed up to ``kills`` times at seeded random moments while editing,
-    then rerun until it ends. Returns the subprocesses' logs."""
+    ``folder/resumed``, SIGKILLed once per entry of ``kills`` at a seeded random moment after
+    editing began (``"editing"``) or after this process wrote a checkpoint (``"checkpoint"``),
+    then once more to the end. Returns the subprocesses' logs."""
     from repair_pl.cli import main
 
     began = time.monotonic()
     main(["fit", *args, "--trainer.default_root_dir", str(folder / "whole")])
     span = time.monotonic() - began
     rng, logs = random.Random(seed), []
-    resumed = [*args, "--trainer.default_root_dir", str(folder / "resumed")]
-    for k in range(kills):
-        attempt = CliRun(resumed, folder / f"killed{k}.log")
-        if attempt.wait_for_editing(timeout) is not None:
-            time.sleep(rng.uniform(0.05, 0.5) * span)
+    out = folder / "resumed"
+    progress = out / "checkpoint" / "progress.json"
+    for k, moment in enumerate(kills):
+        attempt = CliRun([*args, "--trainer.default_root_dir", str(out)], folder / f"killed{k}.log")
+        if moment == "editing":
+            ready = lambda: "pre-edit:" in attempt.log.read_text()  # noqa: E731
+        else:
+            ready = lambda: progress.is_file() and progress.stat().st_mtime > attempt.started  # noqa: E731
+        if attempt.wait_for(ready, timeout):
+            time.sleep(rng.uniform(0.0, 0.3) * span)
         if attempt.proc.poll() is not None:  # it ended before the kill: nothing left to resume
             logs.append(attempt.finish(timeout))
             return logs
         attempt.proc.send_signal(signal.SIGKILL)
         attempt.proc.wait()
         logs.append(attempt.log.read_text())
-    logs.append(CliRun(resumed, folder / "last.log").finish(timeout))
+    logs.append(CliRun([*args, "--trainer.default_root_dir", str(out)], folder / "last.log").finish(timeout))
     return logs
 
 
 def test_sigkill_at_random_moments_then_rerun_ends_bit_identical(tmp_path):
-    logs = kill_and_resume(TINY_CLI, tmp_path, kills=2, seed=7, timeout=120)
-    assert "summary:" not in logs[0] and any("resuming from" in log for log in logs[1:])
+    logs = kill_and_resume(TINY_CLI, tmp_path, kills=["editing", "checkpoint"], seed=7, timeout=120)
+    assert "summary:" not in logs[0] and "resuming from" in logs[-1]
     assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "checkpoint").exists()
 
@@ -370,6 +376,6 @@ def test_sigkill_and_resume_on_smollm2(tmp_path):
     args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.n_prefixes", "1", "--model.max_steps", "6",
             "--data.ds_size", "3", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false"]
-    logs = kill_and_resume(args, tmp_path, kills=1, seed=3, timeout=300)
+    logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300)
     assert "summary:" not in logs[0] and "resuming from" in logs[-1]
     assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
