@@ -33,9 +33,10 @@ class PlacedStrategy(SingleDeviceStrategy):
         pass  # placed once by the caller (``.to()`` or ``device_map``); per-edit fits keep it there
 
     def teardown(self) -> None:
-        # Strategy.teardown minus ``lightning_module.cpu()``: the next edit runs on the same device.
+        # Strategy.teardown minus ``lightning_module.cpu()`` (the next edit runs on the same
+        # device) and minus the accelerator's teardown, which on CUDA empties the cache and the
+        # cuBLAS workspaces after every fit; the next edit would only allocate them again.
         self.precision_plugin.teardown()
-        self.accelerator.teardown()
         self.checkpoint_io.teardown()
 
 
