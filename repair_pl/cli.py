@@ -53,6 +53,7 @@ class EditCLI(LightningCLI):
         datamodule.setup("fit")
         summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
                                logger=self.trainer.logger or None, checkpoint_every=config.get("checkpoint_every"),
+                               skipped=datamodule.skipped,
                                progress=bool(trainer_cfg.get("enable_progress_bar", True)))
         log_summary_table(self.trainer.logger, summary)
         finish_run()  # one W&B run per lifelong run, also when a sweep runs several in one process

@@ -51,13 +51,14 @@ def _markdown(summary: dict) -> str:
 
 def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int | None = None,
                  dataset: str = "custom", logger=None, progress: bool = True,
-                 checkpoint_every: int | None = None) -> dict:
+                 checkpoint_every: int | None = None, skipped: list | None = None) -> dict:
     """Run the lifelong protocol with ``module`` (a :class:`~repair_pl.module.RepairModule`).
 
     Writes ``out_dir/results.json`` (one entry per case: ``case_id``, ``requested_rewrite``,
     ``pre``, ``post``, ``edit``), ``out_dir/summary.json``, ``out_dir/summary.md`` and the final
     edited state ``out_dir/edits/`` (:meth:`~repair_pl.module.RepairModule.save_edits`), and
-    returns the summary. ``T=None`` edits all records as one chunk.
+    returns the summary. ``T=None`` edits all records as one chunk. ``skipped``: the loader's
+    errors for records it left out (``data.on_invalid: skip``), listed in the summary.
 
     ``checkpoint_every=N`` checkpoints the run into ``out_dir/checkpoint/``
     (:mod:`repair_pl.resume`) every N edits and after every chunk; calling again with the same
@@ -141,7 +142,8 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
     summary = {"method": module.method, "dataset": dataset, "T": T, "n_edits": n,
                "pre": case_means([c["pre"] for c in results]), "post": case_means([c["post"] for c in results]),
                "seconds_per_edit": seconds / n, "steps_per_edit": steps / n, "n_failed": len(failed),
-               "failed_case_ids": failed, "interventions": module.intervention_counts()}
+               "failed_case_ids": failed, "interventions": module.intervention_counts(),
+               "skipped_records": [str(err) for err in skipped or []]}
     _report("post-edit", summary["post"])
     _write_json(out / "results.json", results)
     _write_json(out / "summary.json", summary)

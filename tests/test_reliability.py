@@ -297,6 +297,44 @@ def test_property_encode_pairs_keeps_whole_answers_and_the_prompt_end(pairs, max
         assert enc.prompt_mask[i][:n_prompt].all()  # the prompt comes first, then the answer
 
 
+TINY_MODEL = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "tiny-random", "--model.layer", "2",
+              "--model.n_prefixes", "1", "--model.max_steps", "2", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger", "false"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "edits.jsonl: file is empty"),
+    (b"  \n\n", "edits.jsonl: file is empty"),
+    (b'{"src": "caf\xe9?", "alt": "x"}\n', "edits.jsonl: not UTF-8 text (bad byte at line 1, offset 12)"),
+    (b'{"src": "a?", "alt": "b"}\n{"src": "c?", "alt": "  "}\n', "record 1, field 'alt': is an empty string"),
+    (b'{"src": "a?", "alt": "b"}\n{"src": "c?", "alt": "d"\n', "malformed JSON on line 2"),
+])
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys, content, message):
+    from repair_pl.cli import main
+
+    data = tmp_path / "edits.jsonl"
+    data.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY_MODEL, "--data.path", str(data), "--trainer.default_root_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_skips_and_reports_invalid_records_when_asked(tmp_path):
+    from repair_pl.cli import main
+
+    data = tmp_path / "edits.jsonl"
+    data.write_text('{"src": "a b?", "alt": "c"}\n{"src": "d e?", "alt": 5}\n{"src": "f g?", "alt": "h"}\n')
+    with pytest.warns(UserWarning, match="skipped 1 record"):
+        main(["fit", *TINY_MODEL, "--data.path", str(data), "--data.on_invalid", "skip",
+              "--trainer.default_root_dir", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_edits"] == 2 and len(summary["skipped_records"]) == 1
+    assert "record 1, field 'alt': must be a string, got int 5" in summary["skipped_records"][0]
+
+
 # ---------------------------------------------------------------------------------------------
 # SIGKILL of the real command line at random moments
 # ---------------------------------------------------------------------------------------------

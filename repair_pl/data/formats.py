@@ -190,6 +190,11 @@ def read_rows(path: str | Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    import logging
+
+    quiet = logging.getLogger("datasets")  # it logs its own parse error; ours (below) names line and column
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         # force_redownload: datasets keys its cache on path + mtime only, so a file rewritten
         # with the same mtime (cp -p, rsync -t) would silently return the old records.
@@ -197,6 +202,8 @@ def read_rows(path: str | Path) -> list[dict]:
                                      download_mode="force_redownload").to_list()
     except Exception as err:  # datasets wraps parse errors in several exception types
         raise _diagnose(path, text) from err
+    finally:
+        quiet.setLevel(level)
     if stripped.startswith("["):  # datasets wraps non-object items as {"text": item}: check the source
         first = json.loads(text)[0] if len(text) < 50_000_000 else {}
         if not isinstance(first, dict):
