@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -136,3 +137,62 @@ class RunCheckpoint:
     def finish(self) -> None:
         """Remove the checkpoint once the run's outputs are written."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ProgressLog:
+    """An append-only JSON-lines checkpoint for runs that finish in independent steps (EREN's
+    evaluation slices): a header line with the run's fingerprint, then one line per finished step,
+    each fsynced. A kill can only tear the last line, which :meth:`load` drops.
+
+    Args:
+        path: the log file.
+        fingerprint: JSON-ready description of the run; a log of another run is refused.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: dict):
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=repr, sort_keys=True))
+
+    def load(self) -> list[dict]:
+        """The finished steps (starting a new log when there is none)."""
+        if not self.path.is_file():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"fingerprint": self.fingerprint}, truncate=True)
+            return []
+        entries, good = [], 0
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f):
+                try:
+                    entry = json.loads(line) if line.endswith(b"\n") else None
+                except ValueError:
+                    entry = None
+                if entry is None:  # torn by a kill: everything after it is gone
+                    break
+                if number == 0:
+                    diff = _difference(entry.get("fingerprint", {}), self.fingerprint) if isinstance(entry, dict) \
+                        else "not a progress log"
+                    if diff:
+                        raise ValueError(f"{self.path} is the checkpoint of a different run ({diff}); delete it to "
+                                         f"start the run over")
+                else:
+                    entries.append(entry)
+                good += len(line)
+        if good == 0:
+            self._append({"fingerprint": self.fingerprint}, truncate=True)
+        else:
+            os.truncate(self.path, good)
+        return entries
+
+    def append(self, entry: dict) -> None:
+        """Add one finished step durably."""
+        self._append(entry)
+
+    def _append(self, entry: dict, truncate: bool = False) -> None:
+        with open(self.path, "w" if truncate else "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self) -> None:
+        """Remove the log once the run's outputs are written."""
+        self.path.unlink(missing_ok=True)

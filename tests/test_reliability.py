@@ -163,6 +163,56 @@ def test_saved_state_round_trips_negatives_and_shard_losses(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# EREN: the evaluation resumes after its last finished slice
+# ---------------------------------------------------------------------------------------------
+
+def eren_reader(prompt: str) -> str:
+    """Answers from a note naming the question's subject; closed book: the question back."""
+    question = prompt.rsplit("Question: ", 1)[1].split("\n")[0].strip()
+    if "Notes:" not in prompt:
+        return f"closed {question}"
+    subject = question.split()[-1].rstrip("?")
+    return "x" + subject[1:] + "y" if subject in prompt.split("Question:")[0] else "unanswerable"
+
+
+def eren_run(checkpoint: Path, die_after_calls: int | None = None):
+    from repair_pl.eren import CachedReader, ErenEditor, HashEncoder, Notebook, evaluate_editor
+
+    calls = {"n": 0}
+
+    def reader(prompt):
+        calls["n"] += 1
+        if calls["n"] == die_after_calls:
+            raise Killed
+        return eren_reader(prompt)
+
+    editor = ErenEditor(CachedReader(reader), Notebook(HashEncoder(64)), k=2)
+    records = [EditRecord(f"capital of c{i}?", f"x{i}y", statement=f"The capital of c{i} is x{i}y.",
+                          locality=((f"who is p{i}?", "abc"),), case_id=i) for i in range(5)]
+    cases, summary = evaluate_editor(editor, records, T=3, slice_records=1, progress=True, checkpoint=checkpoint)
+    return cases, summary, calls["n"]
+
+
+def test_eren_evaluation_resumes_after_the_last_finished_slice(tmp_path, capsys):
+    whole_cases, whole_summary, whole_calls = eren_run(tmp_path / "a.jsonl")
+    assert not (tmp_path / "a.jsonl").exists()
+    log = tmp_path / "b.jsonl"
+    with pytest.raises(Killed):
+        eren_run(log, die_after_calls=whole_calls // 2)
+    with open(log, "a") as f:
+        f.write('{"cases": [{"case_id"')  # a line torn by the kill
+    capsys.readouterr()
+    cases, summary, calls = eren_run(log)
+    assert "resuming from" in capsys.readouterr().err
+    assert 0 < calls < whole_calls  # finished slices were not asked again
+    same = lambda x: json.dumps(without_wall_time(x), sort_keys=True)  # noqa: E731
+    assert same(cases) == same(whole_cases)
+    assert same({k: v for k, v in summary.items() if not k.startswith("seconds")}) == \
+        same({k: v for k, v in whole_summary.items() if not k.startswith("seconds")})
+    assert summary["es"] == 1.0 and not log.exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # Determinism
 # ---------------------------------------------------------------------------------------------
 

@@ -96,7 +96,7 @@ def harmonic_mean(a: float, b: float) -> float:
 def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: str = "custom",
                     T: int | None = None, rule: str = "contains", slice_records: int = 10,
                     distractors: Sequence[EditRecord] = (), unrelated_per_kind: int | None = None,
-                    progress: bool = True) -> tuple[list[dict], dict]:
+                    progress: bool = True, checkpoint: str | Path | None = None) -> tuple[list[dict], dict]:
     """Edit ``T`` records at a time into an empty notebook and answer all their questions.
 
     Returns ``(cases, summary)``; see the module docstring for the metrics. ``slice_records``
@@ -105,6 +105,10 @@ def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: 
     on a few records against a full-size notebook). ``unrelated_per_kind`` evaluates only the
     first that many unrelated questions of each kind per record (CounterFact-Hard has about 24
     per record; a subsample keeps a run of all records affordable on a CPU).
+
+    ``checkpoint``: a file (:class:`~repair_pl.resume.ProgressLog`) that records every finished
+    slice (its cases, the timing, the reader's new cached answers); called again with the same
+    arguments, the evaluation resumes after the last finished slice. Removed at the end.
     """
     T = T or len(records)
     if T > len(records):
@@ -112,14 +116,32 @@ def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: 
     cases: list[dict] = []
     timing = {"edit": 0.0, "pre": 0.0, "post": 0.0, "n_pre": 0, "n_post": 0}
     diag = {"recall": [], "relevant_in": [], "relevant_out": []}
+    log, cache = None, getattr(editor.reader, "cache", None)  # a CachedReader's answers
+    if checkpoint is not None:
+        log = _progress_log(checkpoint, editor, records, T, rule, slice_records, distractors, unrelated_per_kind)
+        for entry in log.load():
+            cases += entry["cases"]
+            timing = entry["timing"]
+            if cache is not None:
+                cache.update(entry["cache"])
+        for case in cases:
+            _add_diag(diag, case)
+        if cases and progress:
+            print(f"[eren] resuming from {checkpoint}: {len(cases)}/{len(records)} records done", file=sys.stderr,
+                  flush=True)
+    n_cached = len(cache) if cache is not None else 0
     start_all = time.perf_counter()
     for start in range(0, len(records), T):
         chunk = records[start: start + T]
+        if start + len(chunk) <= len(cases) and start + T < len(records):  # finished before an interruption
+            continue  # (the last chunk's notebook is rebuilt: it is the one the caller keeps)
         editor.reset()
         tick = time.perf_counter()
         editor.edit_many(list(chunk) + [d for d in distractors if d not in chunk])
         timing["edit"] += time.perf_counter() - tick
         for s in range(0, len(chunk), slice_records):
+            if start + s < len(cases):
+                continue
             part = chunk[s: s + slice_records]
             qs = [record_questions(r, unrelated_per_kind) for r in part]
             flat = [q for ins, out in qs for q in [q for q, _ in ins] + [q for q, _ in out]]
@@ -136,9 +158,11 @@ def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: 
                              post[offset: offset + n_in + n_out], rule)
                 offset += n_in + n_out
                 cases.append(case)
-                diag["recall"] += [q["own_note_rank"] is not None for q in case["eren"]["in_scope"]]
-                diag["relevant_in"] += [q["relevant"] for q in case["eren"]["in_scope"]]
-                diag["relevant_out"] += [q["relevant"] for q in case["eren"]["unrelated"]]
+                _add_diag(diag, case)
+            if log is not None:
+                new = dict(list(cache.items())[n_cached:]) if cache is not None else {}
+                log.append({"cases": cases[-len(part):], "timing": timing, "cache": new})
+                n_cached += len(new)
             if progress:
                 done = len(cases)
                 elapsed = time.perf_counter() - start_all
@@ -148,7 +172,31 @@ def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: 
                       file=sys.stderr, flush=True)
     summary = _summary(cases, dataset, T, rule, timing, diag)
     summary["unrelated_per_kind"] = unrelated_per_kind
+    if log is not None:
+        log.finish()
     return cases, summary
+
+
+def _add_diag(diag: dict, case: dict) -> None:
+    """Retrieval diagnostics of one case (own note retrieved, reader's relevance verdicts)."""
+    diag["recall"] += [q["own_note_rank"] is not None for q in case["eren"]["in_scope"]]
+    diag["relevant_in"] += [q["relevant"] for q in case["eren"]["in_scope"]]
+    diag["relevant_out"] += [q["relevant"] for q in case["eren"]["unrelated"]]
+
+
+def _progress_log(path, editor: ErenEditor, records, T, rule, slice_records, distractors, unrelated_per_kind):
+    """The checkpoint of one evaluation; what must not change between a run and its resumption."""
+    import hashlib
+    from dataclasses import asdict
+
+    from repair_pl.resume import ProgressLog
+
+    content = repr([(r.case_id, r.prompt, r.target, r.statement, r.rephrases, r.locality, sorted(r.meta.items()))
+                    for r in list(records) + list(distractors)])
+    return ProgressLog(path, {"T": T, "rule": rule, "slice_records": slice_records, "n_records": len(records),
+                              "unrelated_per_kind": unrelated_per_kind, "k": editor.k, "min_score": editor.min_score,
+                              "prompts": asdict(editor.prompts), "encoder": editor.notebook.encoder.name,
+                              "records_sha256": hashlib.sha256(content.encode()).hexdigest()})
 
 
 def _case(record: EditRecord, ins, out, pre: list[str], post, rule: str) -> dict:

@@ -86,9 +86,11 @@ def run_config(cfg: dict, reader=None, encoder=None, progress: bool = True) -> d
     records = load_config_records(data_cfg)
     editor = build_editor(model_cfg, reader, encoder)
     out = Path((cfg.get("trainer") or {}).get("default_root_dir", "runs/eren"))
+    out.mkdir(parents=True, exist_ok=True)
     cases, summary = evaluate_editor(editor, records, dataset=Path(data_cfg["path"]).stem, T=cfg.get("T"),
                                      rule=model_cfg.get("match", "contains"),
-                                     unrelated_per_kind=data_cfg.get("unrelated_per_kind"), progress=progress)
+                                     unrelated_per_kind=data_cfg.get("unrelated_per_kind"), progress=progress,
+                                     checkpoint=out / "checkpoint.jsonl")  # a rerun resumes after its last slice
     summary["reader"] = model_cfg.get("model", "smollm2") if model_cfg.get("reader", "hf") == "hf" else \
         f"openai:{(model_cfg.get('openai') or {}).get('model')}"
     summary["encoder"], summary["k"] = editor.notebook.encoder.name, editor.k
