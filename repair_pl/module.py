@@ -18,9 +18,10 @@ from repair_pl.evaluate import encode_pairs
 from repair_pl.losses import distillation_loss, margin_routing_loss
 from repair_pl.models import decoder_layers, load_model
 from repair_pl.placement import PlacedStrategy, accelerator_for, check_device_map, dispatch, module_device
+from repair_pl.baselines import BASELINES, FineTunedLayer, GraceCodebook
 from repair_pl.side_memory import SideMemory
 
-METHODS = ("none", "wise", "repair")
+METHODS = ("none", "wise", "repair", *BASELINES)
 
 
 @dataclass
@@ -61,7 +62,11 @@ class RepairModule(L.LightningModule):
         model: ``"smollm2"`` (embedded default), a local HF folder, a ``.gguf`` file, a hub id,
             or an already loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
         tokenizer: the tokenizer when ``model`` is an object.
-        method: ``"none"`` (no editing: evaluate the base model), ``"wise"`` or ``"repair"``.
+        method: ``"none"`` (no editing: evaluate the base model), ``"wise"``, ``"repair"``, or a
+            baseline at the same layer (:mod:`repair_pl.baselines`): ``"ft_l"`` (constrained
+            fine-tuning of the layer) or ``"grace"`` (GRACE's key-value codebook). The baselines
+            train on the bare prompt with ``max_steps`` steps; WISE/REPAIR options (routing,
+            prefixes, shards, REPAIR's components) do not apply to them.
         layer: index of the edited decoder layer; default ``round(0.85 * n_layers)``.
         lr: SGD learning rate on the side memory.
         max_steps: optimisation steps per edit (the budget).
@@ -98,6 +103,12 @@ class RepairModule(L.LightningModule):
             (:class:`~repair_pl.callbacks.InBatchDistillation`).
         edit_batch_size: REPAIR edits the stream in batches of this many records (clustered
             inside, merged and re-checked between batches); ``None``: the whole chunk.
+        ft_lr, ft_norm_constraint: FT-L's Adam learning rate and elementwise bound around the
+            unedited weight (EasyEdit's FT-L defaults).
+        grace_eps, grace_lr: GRACE's initial radius of a new key (L2, in the units of the
+            down projection's input) and the SGD learning rate of its value (README, Baselines).
+        grace_stop_loss: GRACE's early stop: training a value ends once the prompt's target is
+            fully predicted and the loss is below this (``None``: always ``max_steps``).
         dtype: dtype of the frozen model (the side memory is always fp32).
         device_map: spread the frozen model over several devices with accelerate (``"auto"``,
             or ``{module name: device}``); the side memory lives on the edited layer's device and
@@ -122,11 +133,17 @@ class RepairModule(L.LightningModule):
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
                  max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
                  distill_temperature: float = 2.0, edit_batch_size: int | None = None,
+                 ft_lr: float = 5e-4, ft_norm_constraint: float | None = 5e-4, grace_eps: float = 1.0,
+                 grace_lr: float = 300.0, grace_stop_loss: float | None = 0.1,
                  dtype: str = "float32", device_map: str | dict[str, int | str] | None = None,
                  eval_batch_size: int = 16, max_length: int | None = 256, seed: int = 0):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"model.method must be one of {METHODS}, got {method!r}")
+        if method in BASELINES:
+            _check_baseline_options(method, progressive=progressive, closed_loop=closed_loop,
+                                    distribution_aware=distribution_aware, error_feedback=error_feedback,
+                                    retrieve=retrieve, save_freq=save_freq, merge_freq=merge_freq)
         _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, edit_batch_size=edit_batch_size,
                        save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
                        n_negatives=n_negatives, mask_ratio=mask_ratio, merge_method=merge_method,
@@ -152,10 +169,17 @@ class RepairModule(L.LightningModule):
         if mlp.down_proj.weight.device.type == "meta":
             raise ValueError(f"layer {self.layer} was offloaded by device_map (its weights are not on a device); "
                              f"the edited layer must sit on a GPU: give the GPUs more max_memory or use more GPUs")
-        self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
-                                 merge_method=merge_method, density=density, retrieve=retrieve, seed=seed)
+        # The layer that wraps down_proj: WISE's side memory, or a baseline with its interface.
+        if method == "ft_l":
+            self.memory = FineTunedLayer(mlp.down_proj, norm_constraint=ft_norm_constraint)
+        elif method == "grace":
+            self.memory = GraceCodebook(mlp.down_proj, eps=grace_eps)
+        else:
+            self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
+                                     merge_method=merge_method, density=density, retrieve=retrieve, seed=seed)
         mlp.down_proj = self.memory
-        self.memory.new_mask()
+        if isinstance(self.memory, SideMemory):
+            self.memory.new_mask()
         self.method = method
         self.edit_count = 0
         self.prefixes: list[str] | None = None
@@ -242,7 +266,12 @@ class RepairModule(L.LightningModule):
     def prepare_edit(self, record: EditRecord) -> dict[str, Tensor]:
         """Tensors of one edit: the prompt (bare and behind each prefix) + target as edit rows,
         then the out-of-scope rows: the record's routing prompt and up to ``n_negatives``
-        routing prompts of earlier edits."""
+        routing prompts of earlier edits. The baselines train on the bare prompt alone (as their
+        reference code does): one edit row."""
+        if self.method in BASELINES:
+            edit = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length)
+            return {"input_ids": edit.input_ids, "attention_mask": edit.attention_mask, "route_mask": edit.prompt_mask,
+                    "answer_mask": edit.answer_mask, "is_edit": torch.ones(1, dtype=torch.bool)}
         prompts = [record.prompt] + [p + record.prompt for p in self.context_prefixes()]
         edit = encode_pairs(self.tokenizer, prompts, [record.target] * len(prompts), self.hparams.max_length)
         out_text = record.routing_prompt or "nq question: who wrote the novel moby dick Herman Melville"
@@ -310,6 +339,8 @@ class RepairModule(L.LightningModule):
         predicting[:, :-1] = batch["answer_mask"][:, 1:].bool()
         with self.memory.routing(batch["route_mask"]):
             logits = self.upper_forward(lower, predicting)
+        if self.method in BASELINES:
+            return self._baseline_losses(logits, batch, predicting)
         scores = self.memory.last_scores
         # With a device_map, logits come from the last GPU and scores from the edited layer's.
         labels = batch["input_ids"][:, 1:][predicting[:, :-1]].to(logits.device)
@@ -346,6 +377,15 @@ class RepairModule(L.LightningModule):
             self.memory.mode = previous
         return lower, predicting, logits
 
+    def _baseline_losses(self, logits: Tensor, batch: dict[str, Tensor], predicting: Tensor) -> dict[str, Tensor]:
+        """FT-L and GRACE: cross-entropy on the target tokens only (no routing loss)."""
+        labels = batch["input_ids"][:, 1:][predicting[:, :-1]].to(logits.device)
+        edit_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        zero = edit_loss.new_zeros(()).detach()
+        correct = torch.tensor(float(bool((logits.argmax(-1) == labels).all())))
+        return {"loss": edit_loss, "edit_loss": edit_loss, "routing_loss": zero, "in_scope": zero, "out_scope": zero,
+                "target_correct": correct}
+
     # ---- Lightning hooks ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._lower is None:
@@ -360,18 +400,31 @@ class RepairModule(L.LightningModule):
         return out["loss"]
 
     def on_after_backward(self) -> None:
-        if self.memory.side.grad is not None:  # only the current shard's entries may change
+        # only the current shard's entries may change
+        if isinstance(self.memory, SideMemory) and self.memory.side.grad is not None:
             self.memory.side.grad.mul_(self.memory.mask)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.hparams.norm_constraint is not None and self.edit_start_weight is not None:
+        if isinstance(self.memory, FineTunedLayer):
+            self.memory.constrain()
+        elif isinstance(self.memory, GraceCodebook):
+            stop, last = self.hparams.grace_stop_loss, self.step_stats
+            if stop is not None and last["target_correct"] == 1.0 and last["edit_loss"] < stop:
+                self.trainer.should_stop = True
+        elif self.hparams.norm_constraint is not None and self.edit_start_weight is not None:
             c = self.hparams.norm_constraint
             with torch.no_grad():
                 self.memory.side.copy_(torch.clamp(self.memory.side, self.edit_start_weight - c, self.edit_start_weight + c))
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD([self.memory.side], lr=self.hparams.lr)
-        optimizer.param_groups[0]["base_lr"] = self.hparams.lr  # callbacks scale from here
+        hp = self.hparams
+        if self.method == "ft_l":  # EasyEdit's FT-L optimiser
+            optimizer, lr = torch.optim.Adam([self.memory.weight], lr=hp.ft_lr), hp.ft_lr
+        elif self.method == "grace":
+            optimizer, lr = torch.optim.SGD([self.memory.value], lr=hp.grace_lr), hp.grace_lr
+        else:
+            optimizer, lr = torch.optim.SGD([self.memory.side], lr=hp.lr), hp.lr
+        optimizer.param_groups[0]["base_lr"] = lr  # callbacks scale from here
         return optimizer
 
     def apply_lr(self, trainer) -> None:
@@ -451,8 +504,11 @@ class RepairModule(L.LightningModule):
         for cb in streams:
             cb.on_edit_start(self, record)
         batch = self.prepare_edit(record)
-        self.edit_start_weight = self.memory.side.detach().clone()
+        side_memory = isinstance(self.memory, SideMemory)
+        self.edit_start_weight = self.memory.side.detach().clone() if side_memory else None
         self._lower, self.edit_failed, self.intervention, self.step_stats = None, None, 1.0, {}
+        if self.method == "grace":
+            self._add_grace_key(record, batch)
         self.memory.mode = "edit"
         self.memory.invalidate()
         with _quiet_lightning():
@@ -460,11 +516,13 @@ class RepairModule(L.LightningModule):
             trainer.fit(self, DataLoader(_Repeat(batch, self.hparams.max_steps), batch_size=None))
         steps = trainer.global_step
         self.eval()
+        if self.method == "grace":
+            self.memory.end_edit()
         self.memory.mode = "route"
         self.memory.invalidate()
         success = self.edit_failed is None
-        score = self.in_scope_score(record) if success else float("nan")
-        if success:
+        score = self.in_scope_score(record) if success and side_memory else float("nan")
+        if success and side_memory:
             self.memory.record_in_scope(score)
             self.memory.note_edit_loss(self.step_stats.get("edit_loss", 0.0))
         self.edit_start_weight, self._lower = None, None
@@ -480,6 +538,15 @@ class RepairModule(L.LightningModule):
         for cb in streams:
             cb.on_edit_end(self, record, result)
         return result
+
+    @torch.no_grad()
+    def _add_grace_key(self, record: EditRecord, batch: dict[str, Tensor]) -> None:
+        """GRACE: the key is the down projection's input at the prompt's last token (read from
+        the unedited model); its value starts as the frozen output there."""
+        self.memory.mode = "off"
+        self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+             batch["route_mask"].to(self.device))
+        self.memory.add_edit(self.memory.last_queries[0], record.target, self.memory.last_outputs[0])
 
     def reedit(self, record: EditRecord) -> EditResult:
         """Edit a record again (error feedback); it does not count as a new edit."""
@@ -543,6 +610,10 @@ class RepairModule(L.LightningModule):
 
     def reset_edits(self) -> None:
         """Forget every edit: the side memory becomes a fresh copy of the main weight."""
+        if self.method in BASELINES:
+            self.memory.reset()
+            self.edit_count = 0
+            return
         memory = self.memory
         weight = memory.main.weight.detach().float()
         with torch.no_grad():
@@ -562,6 +633,12 @@ class RepairModule(L.LightningModule):
     def edited_state(self) -> tuple[dict[str, Tensor], dict]:
         """Tensors and metadata that fully describe the edits (nothing of the frozen model)."""
         m = self.memory
+        if self.method in BASELINES:
+            tensors, extra = m.state()
+            meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
+                    "weight_shape": list(m.main.weight.shape), "edit_count": self.edit_count, "method": self.method,
+                    **extra}
+            return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
         tensors = {"side": m.side.detach(), "merged": m.merged, "mask": m.mask.to(torch.uint8)}
         tensors.update({f"shard.{i}": s for i, s in enumerate(m.shards)})
         tensors.update({f"memory.{i}": s for i, s in enumerate(m.memories)})
@@ -589,12 +666,20 @@ class RepairModule(L.LightningModule):
 
         tensors, meta = read_state(Path(path))
         n_layers = len(decoder_layers(self.model))
-        if meta["n_layers"] != n_layers or list(meta["weight_shape"]) != list(self.memory.side.shape):
+        shape = tuple(self.memory.main.weight.shape)
+        if meta["n_layers"] != n_layers or tuple(meta["weight_shape"]) != shape:
             raise ValueError(f"{path}: edits were made on a model with {meta['n_layers']} layers and a "
                              f"{tuple(meta['weight_shape'])} down projection; this model has {n_layers} layers "
-                             f"and {tuple(self.memory.side.shape)}")
+                             f"and {shape}")
         if meta["layer"] != self.layer:
             raise ValueError(f"{path}: edits are for layer {meta['layer']} but this module edits layer {self.layer}")
+        saved = meta.get("method", "wise")
+        if (saved in BASELINES or self.method in BASELINES) and saved != self.method:
+            raise ValueError(f"{path}: edits were made with method {saved!r}; this module runs {self.method!r}")
+        if self.method in BASELINES:
+            self.memory.load_state(tensors, meta)
+            self.edit_count = meta["edit_count"]
+            return
         m, device = self.memory, self.memory.side.device
         with torch.no_grad():
             m.side.copy_(tensors["side"])
@@ -608,6 +693,14 @@ class RepairModule(L.LightningModule):
         self._negatives.clear()
         self._negatives.extend(meta.get("negatives", []))
         m.invalidate()
+
+
+def _check_baseline_options(method: str, **options) -> None:
+    """The baselines have no side memory: WISE/REPAIR options that need one are an error."""
+    for key, value in options.items():
+        if value:
+            raise ValueError(f"model.{key}={value!r} is a WISE/REPAIR option; method {method!r} is a baseline "
+                             f"without side memory (drop it, or use method wise or repair)")
 
 
 def _check_options(**options) -> None:
