@@ -98,7 +98,9 @@ def assert_same_outputs(a: Path, b: Path) -> None:
 # Checkpoint and resume in process
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, die_at", [(WISE, [3, 3, 2]), (REPAIR, [4, 5, 3])], ids=["wise", "repair"])
+@pytest.mark.parametrize("options, die_at", [(WISE, [3, 3, 2]), (REPAIR, [4, 5, 3]), (dict(TINY, method="ft_l"), [3, 2]),
+                                             (dict(TINY, method="grace"), [3, 2])],
+                         ids=["wise", "repair", "ft_l", "grace"])
 def test_interrupted_run_resumes_to_the_same_end(tmp_path, capsys, options, die_at):
     run(tmp_path / "whole", options)
     assert not (tmp_path / "whole" / "checkpoint").exists()  # a finished run removes its checkpoint
