@@ -103,8 +103,9 @@ class RepairModule(L.LightningModule):
             (:class:`~repair_pl.callbacks.InBatchDistillation`).
         edit_batch_size: REPAIR edits the stream in batches of this many records (clustered
             inside, merged and re-checked between batches); ``None``: the whole chunk.
-        ft_lr, ft_norm_constraint: FT-L's Adam learning rate and elementwise bound around the
-            unedited weight (EasyEdit's FT-L defaults).
+        ft_lr, ft_norm_constraint, ft_stop_loss: FT-L's Adam learning rate, elementwise bound
+            around the unedited weight, and early stop once the loss is below ``ft_stop_loss``
+            (EasyEdit's FT-L defaults; ``None``: always ``max_steps``).
         grace_eps, grace_lr: GRACE's initial radius of a new key (L2, in the units of the
             down projection's input) and the SGD learning rate of its value (README, Baselines).
         grace_stop_loss: GRACE's early stop: training a value ends once the prompt's target is
@@ -133,8 +134,8 @@ class RepairModule(L.LightningModule):
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
                  max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
                  distill_temperature: float = 2.0, edit_batch_size: int | None = None,
-                 ft_lr: float = 5e-4, ft_norm_constraint: float | None = 5e-4, grace_eps: float = 1.0,
-                 grace_lr: float = 300.0, grace_stop_loss: float | None = 0.1,
+                 ft_lr: float = 5e-4, ft_norm_constraint: float | None = 5e-4, ft_stop_loss: float | None = 0.01,
+                 grace_eps: float = 1.0, grace_lr: float = 300.0, grace_stop_loss: float | None = 0.1,
                  dtype: str = "float32", device_map: str | dict[str, int | str] | None = None,
                  eval_batch_size: int = 16, max_length: int | None = 256, seed: int = 0):
         super().__init__()
@@ -407,6 +408,8 @@ class RepairModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if isinstance(self.memory, FineTunedLayer):
             self.memory.constrain()
+            if self.hparams.ft_stop_loss is not None and self.step_stats["edit_loss"] < self.hparams.ft_stop_loss:
+                self.trainer.should_stop = True
         elif isinstance(self.memory, GraceCodebook):
             stop, last = self.hparams.grace_stop_loss, self.step_stats
             if stop is not None and last["target_correct"] == 1.0 and last["edit_loss"] < stop:

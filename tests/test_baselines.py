@@ -21,7 +21,8 @@ A = EditRecord("capital of fr?", "x", rephrases=("fr capital?",), locality=(("wh
 B = EditRecord("ceo of msft?", "q", locality=(("what is 2+2", "four"),))
 UNRELATED = ["who is bob", "what is 2+2", "hello there friend"]
 # Scaled to the tiny model (its gradients and activations are small).
-TINY = dict(layer=2, max_steps=30, ft_lr=0.05, ft_norm_constraint=0.5, grace_lr=30.0, grace_stop_loss=None)
+TINY = dict(layer=2, max_steps=30, ft_lr=0.05, ft_norm_constraint=0.5, ft_stop_loss=None, grace_lr=30.0,
+            grace_stop_loss=None)
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +83,11 @@ def test_ft_l_edits_accumulate_and_reset_restores_the_weight():
     module.reset_edits()
     assert torch.equal(module.memory.weight.detach(), module.memory.main.weight.float())
     assert module.edit_count == 0
+
+
+def test_ft_l_stops_early_once_the_loss_is_below_ft_stop_loss():
+    module = make("ft_l", ft_stop_loss=100.0)  # any loss is below it: one step
+    assert module.edit(A).steps == 1
 
 
 # ---- GRACE -----------------------------------------------------------------------------------
