@@ -13,6 +13,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -35,7 +36,8 @@ def run_cli(name: str, argv: list[str], runs_dir: Path) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    cli = EditCLI(args=["fit", *argv, "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
+    extra = shlex.split(os.environ.get("GPU_CHECK_EXTRA", ""))  # e.g. "--model.max_steps 2" for a dry run
+    cli = EditCLI(args=["fit", *argv, *extra, "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
                         "--trainer.logger", "false", "--checkpoint_every", "null"],
                   parser_kwargs={"default_env": False})
     if cuda:

