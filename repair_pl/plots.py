@@ -23,7 +23,9 @@ def _line(ax, rows: Sequence[dict], key: str) -> None:
     ax.minorticks_off()
     ax.set_xlabel("T (edits)")
     if key == "rewrite_ppl":
-        ax.set_yscale("log")  # perplexities span orders of magnitude before and after editing
+        values = [r["post"][key] for r in rows if key in r["post"]]
+        if values and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_yscale("log")  # perplexities of edited and unedited targets differ by orders of magnitude
     else:
         ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)

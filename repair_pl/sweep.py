@@ -152,13 +152,19 @@ def run_sweep(runs: Sequence[Run], out: Path, extra: Sequence[str] = (), wandb: 
                 raise
             failures.append((folder, f"bad arguments (exit {err.code})"))
         except Exception as err:  # noqa: BLE001 - one failed run must not end a long sweep
-            failures.append((folder, f"{type(err).__name__}: {err}"))
+            why = f"{type(err).__name__}: {err}"
+            failures.append((folder, why if len(why) < 400 else why[:400] + " ..."))
         if failures and failures[-1][0] == folder:
             finish_run(failed=True)
             log(f"[{i}/{len(runs)}] failed {folder}: {failures[-1][1]}")
         gc.collect()  # the previous run's model
-        write_comparison(out, notes, order=[r.name for r in runs])
+        write_comparison(out, [*notes, *failure_notes(out, failures)], order=[r.name for r in runs])
     return failures
+
+
+def failure_notes(out: Path, failures: Sequence[tuple[Path, str]]) -> list[str]:
+    """One line per failed run for the summary's "Not run" list."""
+    return [f"{Path(folder).relative_to(out)} failed: {why}" for folder, why in failures]
 
 
 def collect(out: Path, order: Sequence[str] = ()) -> list[dict]:

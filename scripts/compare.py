@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parse(list(sys.argv[1:] if argv is None else argv))
     from repair_pl.data import EditDataError
     from repair_pl.plots import plot_sweep
-    from repair_pl.sweep import run_sweep, write_comparison
+    from repair_pl.sweep import failure_notes, run_sweep, write_comparison
 
     from repair_pl.module import METHODS
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = (["--model.model", args.model] if args.model else []) + extra
     failures = run_sweep(runs, out, extra, wandb=wandb, notes=notes)
     order = [run.name for run in runs]
-    summary = write_comparison(out, notes, order)
+    summary = write_comparison(out, [*notes, *failure_notes(out, failures)], order)
     plots = plot_sweep(collect(out, order), out)
     print(summary.read_text())
     print(f"summary: {summary}")

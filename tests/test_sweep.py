@@ -128,3 +128,17 @@ def test_unknown_method_or_dataset_is_a_clear_error(tmp_path, capsys):
     assert "unknown methods ['rome']" in capsys.readouterr().err
     assert compare.main(["--datasets", "nosuch", "--methods", "wise", "--out", str(tmp_path)]) == 2
     assert "configs/nosuch.yaml" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
+    compare = load_compare()
+    out = tmp_path / "sweep"
+    # layer 9 does not exist in the 4-layer tiny model: every run fails at start-up
+    argv = ["--datasets", "demo", "--T", "2", "3", "--methods", "wise", "--model", "tiny-random", "--out", str(out),
+            "--", "--model.layer", "9"]
+    assert compare.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("failed ") == 2 and "model.layer=9 is out of range" in captured.err
+    assert not list(out.glob("*/*/summary.json"))
+    not_run = (out / "COMPARISON_SUMMARY.md").read_text().split("## Not run")[1]
+    assert "demo/wise_T2 failed" in not_run and "demo/wise_T3 failed" in not_run
