@@ -490,8 +490,10 @@ def main(argv=None) -> dict:
     n_records = max(args.overhead_edits + 1, args.T, args.prompts, args.mem_edits, args.stream_n)
     records = read_records(args.data, n_records)
 
-    def show(part: str) -> None:
+    def show(part: str) -> None:  # print a part as soon as it is measured and save what is done
         print(_section(result, part), flush=True)
+        (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "BENCH.md").write_text(markdown(result))
 
     if "1" in args.parts:
         module = load_editor(model, dev, dtype, seed=args.seed)
@@ -530,8 +532,6 @@ def main(argv=None) -> dict:
                        "ok": run["post"].get("rewrite_acc", 0) >= 0.8 and run["post"].get("locality", 0) >= 0.98}
         free(module)
         show("5")
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "BENCH.md").write_text(markdown(result))
     print(f"bench: {out_dir / 'BENCH.md'}", flush=True)
     return result
 
