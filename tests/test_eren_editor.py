@@ -207,3 +207,19 @@ def test_failure_breakdown_names_the_step_that_failed():
     assert gated["in_scope"]["gated"] == 0.25 and gated["in_scope"]["wrong_answer"] == 0.0
     in_scope[3]["gated"] = True  # a trace from a run with the gate on
     assert failure_breakdown(cases)["in_scope"] == gated["in_scope"]
+
+
+def test_irrelevance_said_in_a_sentence_falls_back():
+    class Wordy(ScriptedReader):
+        def __call__(self, prompt):
+            if "Notes:" in prompt and "Hamlet" in prompt:
+                self.prompts.append(prompt)
+                return "The notes do not answer the question of who wrote Hamlet."
+            return super().__call__(prompt)
+
+    editor, _ = make_editor(Wordy())
+    editor.edit("Peru capital: Lima")
+    hamlet, peru = editor.answer_batch(["Who wrote Hamlet?", "What is the Peru capital?"])
+    assert not hamlet.relevant and hamlet.text == "closed Who wrote Hamlet?" and peru.text == "Lima"
+    assert editor._says_irrelevant("Unanswerable.") and not editor._says_irrelevant("The answer is Lima.")
+    assert not editor._says_irrelevant("Irrelevantly, Lima.")  # whole words only

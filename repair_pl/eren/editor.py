@@ -39,8 +39,9 @@ class Prompts:
         joiner: between notes.
         best_last: list the best note last, next to the question (small readers attend most to
             the nearest text); EREN lists best first.
-        irrelevant: words that, found in the normalised step-1 output, mean "the notes do not
-            answer it".
+        irrelevant: words or phrases that, found as whole words in the normalised first line of
+            the step-1 output, mean "the notes do not answer it" (small readers say "The notes do
+            not answer the question." rather than the one word asked for).
         relevance: optional separate yes/no step before reading (fields ``{notes}``,
             ``{question}``); an answer without "yes" means closed-book. ``None``: EREN's joint step.
         record_note: how a record without a statement becomes a note (see :data:`NOTE_TEMPLATE`).
@@ -51,7 +52,7 @@ class Prompts:
     note: str = "- {text}"
     joiner: str = "\n"
     best_last: bool = False
-    irrelevant: tuple[str, ...] = ("unanswerable", "irrelevant")
+    irrelevant: tuple[str, ...] = ("unanswerable", "irrelevant", "do not answer", "does not answer")
     relevance: str | None = None
     record_note: str = NOTE_TEMPLATE
 
@@ -124,8 +125,8 @@ class ErenEditor:
         return self.prompts.joiner.join(reversed(ranked) if self.prompts.best_last else ranked)
 
     def _says_irrelevant(self, text: str) -> bool:
-        words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
-        return not words or any(m in words for m in self.prompts.irrelevant)
+        words = " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+        return not words or any(f" {m} " in f" {words} " for m in self.prompts.irrelevant)
 
     def answer(self, question: str) -> Answer:
         """Answer one question (see the module docstring)."""
