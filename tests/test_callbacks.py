@@ -98,6 +98,24 @@ def test_improving_loss_is_not_stagnation():
     assert cb.counts["stagnations"] == 0 and trainer.optimizers[0].param_groups[0]["lr"] == 1.0
 
 
+def test_flat_loss_after_the_target_is_reached_is_not_stagnation():
+    cb, module, trainer = ClosedLoopFeedback(window=3), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    for _ in range(20):
+        step(cb, trainer, module, 0.01, correct=1.0)
+    assert cb.counts["stagnations"] == 0 and trainer.optimizers[0].param_groups[0]["lr"] == 1.0
+
+
+def test_jitter_near_a_tiny_loss_is_not_divergence():
+    cb, module, trainer = ClosedLoopFeedback(divergence_factor=3.0, divergence_margin=1.0), FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    for loss in (5.0, 0.5, 0.01, 0.2, 0.05, 0.9):  # 0.9 > 3 x 0.01, but only 0.89 above the best
+        step(cb, trainer, module, loss)
+    assert cb.counts["divergences"] == 0
+    step(cb, trainer, module, 1.2)  # 1.2 > 3 x 0.01 and > 0.01 + 1.0
+    assert cb.counts["divergences"] == 1
+
+
 @pytest.mark.parametrize("bad_loss", [10.0, math.nan, math.inf])
 def test_divergence_rolls_back_to_the_best_weights_and_lowers_lr(bad_loss):
     cb, module, trainer = ClosedLoopFeedback(divergence_factor=3.0, lr_down=0.5), FakeModule(), fake_trainer()

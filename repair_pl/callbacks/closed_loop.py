@@ -12,11 +12,14 @@ from repair_pl.callbacks.base import EditStreamCallback
 class ClosedLoopFeedback(EditStreamCallback):
     """Watch loss, gradient norm and the routing margin every step of an edit.
 
-    - Stagnation: the loss improved by less than ``stagnation_tol`` (relative) over the last
-      ``window`` steps -> the learning rate is multiplied by ``lr_up`` (at most ``max_lr_factor``
-      times the configured one).
-    - Divergence: the loss is NaN/inf, the gradient is non-finite, or the loss exceeds
-      ``divergence_factor`` x its best value of this edit -> the side memory rolls back to the
+    - Stagnation: while the target is not yet predicted, the loss improved by less than
+      ``stagnation_tol`` (relative) over the last ``window`` steps -> the learning rate is
+      multiplied by ``lr_up`` (at most ``max_lr_factor`` times the configured one). A loss that
+      flattens once the target is reached is convergence, not stagnation.
+    - Divergence: the loss is NaN/inf, the gradient is non-finite, or the loss exceeds both
+      ``divergence_factor`` x its best value of this edit and that best plus
+      ``divergence_margin`` (so that the normal jitter of SGD near a tiny loss, e.g. 0.01 ->
+      0.04, is not taken for divergence) -> the side memory rolls back to the
       last good in-memory checkpoint of this edit (the weights at the best loss), the learning
       rate is multiplied by ``lr_down``, and training goes on. A non-finite gradient is zeroed
       before the optimiser can apply it.
@@ -29,9 +32,10 @@ class ClosedLoopFeedback(EditStreamCallback):
 
     def __init__(self, window: int = 5, stagnation_tol: float = 0.01, lr_up: float = 1.5, max_lr_factor: float = 4.0,
                  divergence_factor: float = 3.0, lr_down: float = 0.5, max_rollbacks: int = 3,
-                 fail_unconverged: bool = True):
+                 fail_unconverged: bool = True, divergence_margin: float = 1.0):
         self.window, self.stagnation_tol, self.lr_up, self.max_lr_factor = window, stagnation_tol, lr_up, max_lr_factor
         self.divergence_factor, self.lr_down, self.max_rollbacks = divergence_factor, lr_down, max_rollbacks
+        self.divergence_margin = divergence_margin
         self.fail_unconverged = fail_unconverged
         self.counts = {"stagnations": 0, "divergences": 0, "rollbacks": 0, "failed_edits": 0}
         self._reset()
@@ -53,7 +57,8 @@ class ClosedLoopFeedback(EditStreamCallback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = module.step_stats["loss"]
         diverged = self.grad_bad or not math.isfinite(loss) or (
-            self.good is not None and loss > self.divergence_factor * max(self.best, 1e-3))
+            self.good is not None and loss > self.divergence_factor * self.best
+            and loss > self.best + self.divergence_margin)
         if diverged:
             self.counts["divergences"] += 1
             self._rollback(trainer, module)
@@ -62,7 +67,8 @@ class ClosedLoopFeedback(EditStreamCallback):
         if loss < self.best:
             self.best, self.good = loss, module.memory.side.detach().clone()
         n = len(self.losses)
-        if n > self.window and n - self.last_stagnation >= self.window:
+        reached = module.step_stats.get("target_correct") == 1.0
+        if not reached and n > self.window and n - self.last_stagnation >= self.window:
             old = self.losses[-self.window - 1]
             if old > 0 and (old - loss) / old < self.stagnation_tol:
                 self.counts["stagnations"] += 1
