@@ -105,7 +105,7 @@ class RepairModule(L.LightningModule):
             inside, merged and re-checked between batches); ``None``: the whole chunk.
         ft_lr, ft_norm_constraint, ft_stop_loss: FT-L's Adam learning rate, elementwise bound
             around the unedited weight, and early stop once the loss is below ``ft_stop_loss``
-            (EasyEdit's FT-L defaults; ``None``: always ``max_steps``).
+            (``None``: always ``max_steps``); EasyEdit's 5e-4 box cannot move SmolLM2 (README).
         grace_eps, grace_lr: GRACE's initial radius of a new key (L2, in the units of the
             down projection's input) and the SGD learning rate of its value (README, Baselines).
         grace_stop_loss: GRACE's early stop: training a value ends once the prompt's target is
@@ -134,7 +134,7 @@ class RepairModule(L.LightningModule):
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
                  max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
                  distill_temperature: float = 2.0, edit_batch_size: int | None = None,
-                 ft_lr: float = 5e-4, ft_norm_constraint: float | None = 5e-4, ft_stop_loss: float | None = 0.01,
+                 ft_lr: float = 1e-2, ft_norm_constraint: float | None = 1e-2, ft_stop_loss: float | None = 0.01,
                  grace_eps: float = 1.0, grace_lr: float = 300.0, grace_stop_loss: float | None = 0.1,
                  dtype: str = "float32", device_map: str | dict[str, int | str] | None = None,
                  eval_batch_size: int = 16, max_length: int | None = 256, seed: int = 0):
