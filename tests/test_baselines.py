@@ -25,12 +25,7 @@ TINY = dict(layer=2, max_steps=30, ft_lr=0.05, ft_norm_constraint=0.5, ft_stop_l
             grace_stop_loss=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
 def make(method: str, **kwargs) -> RepairModule:

@@ -20,12 +20,7 @@ def bench():
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
 RECORDS = [EditRecord(f"capital of x{i}?", f"ab{i}", locality=(("who is bob", "abc"),), routing_prompt=f"unrelated {i}")

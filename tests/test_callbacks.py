@@ -14,12 +14,7 @@ from repair_pl.module import RepairModule
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
 class FakeModule:

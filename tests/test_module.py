@@ -17,12 +17,7 @@ TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=40, alpha=1.0, beta=5.0, g
             norm_constraint=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
 def make(**kwargs) -> RepairModule:

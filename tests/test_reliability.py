@@ -33,12 +33,7 @@ WISE = dict(TINY, method="wise", save_freq=2, merge_freq=3, n_negatives=2)
 REPAIR = dict(TINY, method="repair", max_steps=12, edit_batch_size=2, cluster_size=1, threshold=0.5, max_retries=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
 class Killed(BaseException):
