@@ -75,9 +75,9 @@ def load_editor(model: str, device: str = "cpu", dtype: str = "float32", **kwarg
     return module
 
 
-def free(module) -> None:
-    """Drop a module and give its memory back before the next part loads one."""
-    del module
+def release() -> None:
+    """Give the memory of dropped modules back (call after ``module = None``) before the next
+    part loads one."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -290,7 +290,8 @@ def repair_vs_wise(model: str, records, device: str = "cpu", dtype: str = "float
         if reference is None:
             reference = pre_reference(module, records)
         out[method] = run_stream(module, records, device, reference)
-        free(module)
+        module = None
+        release()
     base = out[methods[0]]
     for method in methods[1:]:
         out[method]["seconds_ratio_vs_" + methods[0]] = out[method]["seconds_per_edit"] / base["seconds_per_edit"]
@@ -507,7 +508,8 @@ def main(argv=None) -> dict:
     if "1" in args.parts:
         module = load_editor(model, dev, dtype, seed=args.seed)
         result["1"] = lightning_overhead(module, records[: args.overhead_edits + 1], args.overhead_steps, dev)
-        free(module)
+        module = None
+        release()
         show("1")
     if "2" in args.parts:
         settings = {"max_steps": args.max_steps}
@@ -521,13 +523,15 @@ def main(argv=None) -> dict:
         prompts = [r.prompt for r in records[: args.prompts]]
         result["3"] = inference_latency(module, prompts, repeats=args.repeats, gen_prompts=args.gen_prompts,
                                         gen_tokens=args.gen_tokens, device=dev)
-        free(module)
+        module = None
+        release()
         show("3")
     if "4" in args.parts:
         module = load_editor(model, dev, dtype, seed=args.seed, max_steps=args.mem_steps, save_freq=args.save_freq,
                              merge_freq=args.merge_freq)
         result["4"] = memory_growth(module, records[: args.mem_edits], dev)
-        free(module)
+        module = None
+        release()
         show("4")
     if "5" in args.parts:
         import lightning as L
@@ -539,7 +543,8 @@ def main(argv=None) -> dict:
         run = run_stream(module, stream, dev, pre_reference(module, stream))
         result["5"] = {"settings": settings, "run": run,
                        "ok": run["post"].get("rewrite_acc", 0) >= 0.8 and run["post"].get("locality", 0) >= 0.98}
-        free(module)
+        module = None
+        release()
         show("5")
     print(f"bench: {out_dir / 'BENCH.md'}", flush=True)
     return result
