@@ -120,10 +120,15 @@ def plan(datasets: Sequence[str], methods: Sequence[str], ts: Sequence[int], abl
             if n > available:
                 notes.append(f"{name}: T={t} uses all {available} records (ds_size {n} asked)")
                 n = available
-            variants = [(m, ("--model.method", m)) for m in methods]
+            variants = [(m, ("--model.method", m)) for m in methods if m != "eren"]
             variants += [(f"repair-no-{a}" if a != "heterogeneous" else "repair-heterogeneous",
                           ("--model.method", "repair", *ABLATIONS[a])) for a in ablations]
             runs += [Run(name, config, v, t, n, args) for v, args in variants]
+            if "eren" in methods:  # EREN edits no weights: its own config (reader, encoder, prompts)
+                try:
+                    runs.append(Run(name, find_config(f"eren_{name}"), "eren", t, n, ()))
+                except SweepError:
+                    notes.append(f"{name}: eren skipped, there is no configs/eren_{name}.yaml")
     return runs, notes
 
 
@@ -132,6 +137,7 @@ def run_sweep(runs: Sequence[Run], out: Path, extra: Sequence[str] = (), wandb: 
     """Run every unfinished run in order; returns the runs that failed (and why). A failed run
     does not stop the sweep; rerunning the sweep retries it."""
     from repair_pl.cli import EditCLI
+    from repair_pl.eren.run import main as eren_main
     from repair_pl.tracking import finish_run
 
     out = Path(out)
@@ -146,7 +152,11 @@ def run_sweep(runs: Sequence[Run], out: Path, extra: Sequence[str] = (), wandb: 
         try:
             with warnings.catch_warnings():  # the sweep's own argv is not the run's
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-                EditCLI(args=run.cli_args(out, extra, wandb), parser_kwargs={"default_env": False})
+                args = run.cli_args(out, extra, wandb)
+                if run.name == "eren":
+                    eren_main(args)
+                else:
+                    EditCLI(args=args, parser_kwargs={"default_env": False})
         except SystemExit as err:  # the CLI's parser exits on bad arguments
             if err.code in (0, None):
                 raise

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     try:
-        unknown = [m for m in args.methods if m not in METHODS]
+        unknown = [m for m in args.methods if m not in (*METHODS, "eren")]
         if unknown:
-            raise SweepError(f"unknown methods {unknown}; this version has {list(METHODS)}")
+            raise SweepError(f"unknown methods {unknown}; this version has {[*METHODS, 'eren']}")
         runs, notes = plan(args.datasets, args.methods, args.T, args.ablations, args.ds_size)
         wandb = None
         if args.wandb:

@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from repair_pl.sweep import Run, SweepError, collect, comparison_table, plan
+from repair_pl.sweep import Run, SweepError, collect, comparison_table, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--", "--model.layer", "2", "--model.n_prefixes", "1", "--model.max_steps", "2",
@@ -142,3 +143,22 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
     assert not list(out.glob("*/*/summary.json"))
     not_run = (out / "COMPARISON_SUMMARY.md").read_text().split("## Not run")[1]
     assert "demo/wise_T2 failed" in not_run and "demo/wise_T3 failed" in not_run
+
+
+def test_eren_runs_from_its_own_config_through_the_sweep(tmp_path, monkeypatch, capsys):
+    import repair_pl.eren.run as eren_run
+    from test_eren_run import cfh_file, reader
+
+    data = cfh_file(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text(yaml.safe_dump({"data": {"path": str(data)}}))
+    (tmp_path / "configs" / "eren_mine.yaml").write_text(yaml.safe_dump(
+        {"model": {"method": "eren", "encoder": "hash:64"}, "data": {"path": str(data), "format": "cfh"}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(eren_run, "build_reader", lambda cfg: reader)
+    runs, notes = plan(["mine", "demo"], ["eren"], [2])
+    assert [(r.dataset, r.name, r.config.name) for r in runs] == [("mine", "eren", "eren_mine.yaml")]
+    assert notes == ["demo: eren skipped, there is no configs/eren_demo.yaml"]
+    assert run_sweep(runs, tmp_path / "out") == []
+    summary = json.loads((tmp_path / "out" / "mine" / "eren_T2" / "summary.json").read_text())
+    assert summary["n_edits"] == 2
