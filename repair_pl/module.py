@@ -481,9 +481,6 @@ class RepairModule(L.LightningModule):
                 counts[key] = counts.get(key, 0) + value
         return counts
 
-    def parameters_to_save(self) -> dict[str, Tensor]:
-        return {"side": self.memory.side}
-
     # ---- editing -----------------------------------------------------------------------------
     def _edit_trainer(self) -> L.Trainer:
         """A fresh lightweight Trainer per edit: calling ``fit`` twice on one Trainer with
