@@ -17,9 +17,9 @@ class ClosedLoopFeedback(EditStreamCallback):
       multiplied by ``lr_up`` (at most ``max_lr_factor`` times the configured one). A loss that
       flattens once the target is reached is convergence, not stagnation.
     - Divergence: the loss is NaN/inf, the gradient is non-finite, or the loss exceeds both
-      ``divergence_factor`` x its best value of this edit and that best plus
-      ``divergence_margin`` (so that the normal jitter of SGD near a tiny loss, e.g. 0.01 ->
-      0.04, is not taken for divergence) -> the side memory rolls back to the
+      ``divergence_factor`` x its best value of this edit and the loss the edit started from
+      (the normal jitter of SGD with WISE's lr, e.g. 0.01 -> 0.5, is not divergence; a loss
+      worse than before any update is) -> the side memory rolls back to the
       last good in-memory checkpoint of this edit (the weights at the best loss), the learning
       rate is multiplied by ``lr_down``, and training goes on. A non-finite gradient is zeroed
       before the optimiser can apply it.
@@ -32,10 +32,9 @@ class ClosedLoopFeedback(EditStreamCallback):
 
     def __init__(self, window: int = 5, stagnation_tol: float = 0.01, lr_up: float = 1.5, max_lr_factor: float = 4.0,
                  divergence_factor: float = 3.0, lr_down: float = 0.5, max_rollbacks: int = 3,
-                 fail_unconverged: bool = True, divergence_margin: float = 1.0):
+                 fail_unconverged: bool = True):
         self.window, self.stagnation_tol, self.lr_up, self.max_lr_factor = window, stagnation_tol, lr_up, max_lr_factor
         self.divergence_factor, self.lr_down, self.max_rollbacks = divergence_factor, lr_down, max_rollbacks
-        self.divergence_margin = divergence_margin
         self.fail_unconverged = fail_unconverged
         self.counts = {"stagnations": 0, "divergences": 0, "rollbacks": 0, "failed_edits": 0}
         self._reset()
@@ -57,8 +56,7 @@ class ClosedLoopFeedback(EditStreamCallback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = module.step_stats["loss"]
         diverged = self.grad_bad or not math.isfinite(loss) or (
-            self.good is not None and loss > self.divergence_factor * self.best
-            and loss > self.best + self.divergence_margin)
+            self.good is not None and loss > self.divergence_factor * self.best and loss > self.losses[0])
         if diverged:
             self.counts["divergences"] += 1
             self._rollback(trainer, module)
