@@ -40,6 +40,8 @@ def step(cb, trainer, module, loss, edit_loss=None, correct=0.0, routing=0.0, we
             module.memory.side.copy_(torch.tensor(weights))
     module.step_stats = {"loss": loss, "edit_loss": loss if edit_loss is None else edit_loss,
                          "target_correct": correct, "routing_loss": routing}
+    if hasattr(cb, "on_train_batch_start"):  # ``weights`` are those this loss was computed on
+        cb.on_train_batch_start(trainer, module, None, 0)
     cb.on_train_batch_end(trainer, module, None, None, 0)
 
 

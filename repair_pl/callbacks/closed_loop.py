@@ -10,7 +10,8 @@ from repair_pl.callbacks.base import EditStreamCallback
 
 
 class ClosedLoopFeedback(EditStreamCallback):
-    """Watch loss, gradient norm and the routing margin every step of an edit.
+    """Watch the loss and gradient norm every step of an edit. "The loss" below is the
+    target cross-entropy (``edit_loss``); a NaN/inf in the total loss counts as divergence too.
 
     - Stagnation: while the target is not yet predicted, the loss improved by less than
       ``stagnation_tol`` (relative) over the last ``window`` steps -> the learning rate is
@@ -46,6 +47,11 @@ class ClosedLoopFeedback(EditStreamCallback):
     def on_edit_start(self, module, record) -> None:
         self._reset()
 
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        # The loss of this step is computed on these weights; by on_train_batch_end the optimiser
+        # has already moved them, so a checkpoint taken there would hold the next step's weights.
+        self.step_weights = module.memory.side.detach().clone()
+
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         grad = module.memory.side.grad
         self.grad_norm = float(grad.norm()) if grad is not None else 0.0
@@ -54,8 +60,10 @@ class ClosedLoopFeedback(EditStreamCallback):
             grad.zero_()  # never let a NaN/inf gradient reach the weights
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        loss = module.step_stats["loss"]
-        diverged = self.grad_bad or not math.isfinite(loss) or (
+        # The target cross-entropy is what must converge; WISE's routing hinge on top of it jumps
+        # by tens from step to step under SGD with lr 1 and would read as divergence.
+        loss = module.step_stats["edit_loss"]
+        diverged = self.grad_bad or not math.isfinite(module.step_stats["loss"]) or not math.isfinite(loss) or (
             self.good is not None and loss > self.divergence_factor * self.best and loss > self.losses[0])
         if diverged:
             self.counts["divergences"] += 1
@@ -63,7 +71,7 @@ class ClosedLoopFeedback(EditStreamCallback):
             return
         self.losses.append(loss)
         if loss < self.best:
-            self.best, self.good = loss, module.memory.side.detach().clone()
+            self.best, self.good = loss, self.step_weights
         n = len(self.losses)
         reached = module.step_stats.get("target_correct") == 1.0
         if not reached and n > self.window and n - self.last_stagnation >= self.window:
