@@ -335,9 +335,7 @@ class RepairModule(L.LightningModule):
         """Target cross-entropy on the edit rows + margin routing loss (edit rows vs last row)."""
         if lower is None:
             lower = self.lower_states(batch)
-        # logits[:, t] predicts token t+1: score the positions just before each answer token
-        predicting = torch.zeros_like(batch["answer_mask"], dtype=torch.bool)
-        predicting[:, :-1] = batch["answer_mask"][:, 1:].bool()
+        predicting = _predicting(batch["answer_mask"])
         with self.memory.routing(batch["route_mask"]):
             logits = self.upper_forward(lower, predicting)
         if self.method in BASELINES:
@@ -366,8 +364,7 @@ class RepairModule(L.LightningModule):
         """``(lower states, answer positions, logits there)`` of ``prompt + target`` through the
         side memory as it trains (mode "edit"): the teacher of in-batch distillation."""
         enc = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length).to(self.device)
-        predicting = torch.zeros_like(enc.answer_mask)
-        predicting[:, :-1] = enc.answer_mask[:, 1:]
+        predicting = _predicting(enc.answer_mask)
         lower = self.lower_states({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
         previous = self.memory.mode
         self.memory.mode = "edit"
@@ -724,6 +721,13 @@ def _check_options(**options) -> None:
                         "merge_method": f"one of {sorted(MERGERS)}", "cluster_method": "'kmeans' or 'agglomerative'"}
             want = expected.get(key, "a positive integer" + (" or null" if optional else ""))
             raise ValueError(f"model.{key} must be {want}, got {value!r}")
+
+
+def _predicting(answer_mask: Tensor) -> Tensor:
+    """Positions whose logits predict an answer token (``logits[:, t]`` predicts token t+1)."""
+    predicting = torch.zeros_like(answer_mask, dtype=torch.bool)
+    predicting[:, :-1] = answer_mask[:, 1:].bool()
+    return predicting
 
 
 class _StopForward(Exception):

@@ -6,5 +6,5 @@ from repair_pl.callbacks.distillation import InBatchDistillation
 from repair_pl.callbacks.memory import DistributionAwareMemory, ErrorFeedback, MemoryMerging
 from repair_pl.callbacks.progressive import ProgressiveIntervention
 
-__all__ = ["ClosedLoopFeedback", "DistributionAwareMemory", "EditStreamCallback", "ErrorFeedback", "InBatchDistillation", "MemoryMerging",
-           "ProgressiveIntervention"]
+__all__ = ["ClosedLoopFeedback", "DistributionAwareMemory", "EditStreamCallback", "ErrorFeedback",
+           "InBatchDistillation", "MemoryMerging", "ProgressiveIntervention"]
