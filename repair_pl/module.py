@@ -73,6 +73,9 @@ class RepairModule(L.LightningModule):
         act_ratio: routing threshold epsilon = act_ratio x min in-scope score.
         alpha, beta, gamma: margins of the routing loss (out-of-scope ceiling, in-scope floor, gap).
         routing_weight: weight of the routing loss against the target cross-entropy.
+        prompt_weight: share of the target cross-entropy given to the bare prompt (the rest to the
+            prefixed copies); ``None``: one mean over every answer token (WISE). Ours: the bare
+            prompt is what Rel measures, and as one row in eleven it was the last to converge.
         mask_ratio: share of side-memory entries a shard may change.
         norm_constraint: W' stays within +-norm_constraint (elementwise) of its value at the
             start of the edit; ``None`` disables.
@@ -93,7 +96,7 @@ class RepairModule(L.LightningModule):
         loss_aware_merge: with distribution-aware memory, weigh shards by 1/(final loss + eps).
         decay_factor, threshold, min_intervention, stop_loss, routing_tolerance: see
             :class:`~repair_pl.callbacks.ProgressiveIntervention`.
-        stagnation_window, divergence_factor, max_rollbacks: see
+        stagnation_window, max_lr_factor, divergence_factor, max_rollbacks: see
             :class:`~repair_pl.callbacks.ClosedLoopFeedback`.
         cluster_size, cluster_method, heterogeneous: see
             :class:`~repair_pl.callbacks.DistributionAwareMemory`.
@@ -122,6 +125,7 @@ class RepairModule(L.LightningModule):
     def __init__(self, model: Any = "smollm2", tokenizer: Any = None, method: str = "wise",
                  layer: int | None = None, lr: float = 1.0, max_steps: int = 70, act_ratio: float = 0.88,
                  alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, routing_weight: float = 1.0,
+                 prompt_weight: float | None = None,
                  mask_ratio: float = 0.2, norm_constraint: float | None = 1.0, n_prefixes: int = 10,
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
@@ -130,7 +134,7 @@ class RepairModule(L.LightningModule):
                  loss_aware_merge: bool = True, decay_factor: float = 0.95, threshold: float = 0.01,
                  min_intervention: float = 0.1, stop_loss: float | None = None,
                  routing_tolerance: float = float("inf"), stagnation_window: int = 5,
-                 divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
+                 max_lr_factor: float = 4.0, divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
                  max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
                  distill_temperature: float = 2.0, edit_batch_size: int | None = None,
@@ -147,7 +151,7 @@ class RepairModule(L.LightningModule):
                                     retrieve=retrieve, save_freq=save_freq, merge_freq=merge_freq)
         _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, edit_batch_size=edit_batch_size,
                        save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
-                       n_negatives=n_negatives, mask_ratio=mask_ratio, merge_method=merge_method,
+                       n_negatives=n_negatives, mask_ratio=mask_ratio, prompt_weight=prompt_weight, merge_method=merge_method,
                        cluster_method=cluster_method)
         self.save_hyperparameters(ignore=["model", "tokenizer"] if not isinstance(model, str) else ["tokenizer"])
         check_device_map(device_map)
@@ -343,11 +347,15 @@ class RepairModule(L.LightningModule):
         scores = self.memory.last_scores
         # With a device_map, logits come from the last GPU and scores from the edited layer's.
         labels = batch["input_ids"][:, 1:][predicting[:, :-1]].to(logits.device)
-        edit_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         hp, is_edit = self.hparams, batch["is_edit"].to(scores.device)
+        n_first = int(predicting[0].sum())  # the bare prompt's answer positions come first
+        token_ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        if hp.prompt_weight is None or n_first == len(labels):
+            edit_loss = token_ce.mean()
+        else:
+            edit_loss = hp.prompt_weight * token_ce[:n_first].mean() + (1 - hp.prompt_weight) * token_ce[n_first:].mean()
         routing = margin_routing_loss(scores[is_edit], scores[~is_edit], hp.alpha, hp.beta, hp.gamma)
         routing = routing.to(edit_loss.device)
-        n_first = int(predicting[0].sum())  # the bare prompt's answer positions come first
         correct = bool((logits[:n_first].argmax(-1) == labels[:n_first]).all())
         loss, distill = edit_loss + hp.routing_weight * routing, edit_loss.new_zeros(())
         if self.distill_teacher is not None:
@@ -450,7 +458,8 @@ class RepairModule(L.LightningModule):
 
         callbacks: list[L.Callback] = []
         if on(hp.closed_loop):
-            callbacks.append(ClosedLoopFeedback(window=hp.stagnation_window, divergence_factor=hp.divergence_factor,
+            callbacks.append(ClosedLoopFeedback(window=hp.stagnation_window, max_lr_factor=hp.max_lr_factor,
+                                                divergence_factor=hp.divergence_factor,
                                                 max_rollbacks=hp.max_rollbacks))
         if on(hp.progressive):  # after closed loop: it applies the final lr of the step
             callbacks.append(ProgressiveIntervention(hp.decay_factor, hp.threshold, hp.min_intervention,
@@ -710,6 +719,8 @@ def _check_options(**options) -> None:
             bad = not isinstance(value, int) or value < 0
         elif key == "mask_ratio":
             bad = not 0 < value <= 1
+        elif key == "prompt_weight":
+            bad = value is not None and not 0 <= value <= 1
         elif key == "merge_method":
             bad = value not in MERGERS
         elif key == "cluster_method":
@@ -718,6 +729,7 @@ def _check_options(**options) -> None:
             bad = not (optional and value is None) and (not isinstance(value, int) or value < 1)
         if bad:
             expected = {"n_prefixes": "an integer >= 0", "n_negatives": "an integer >= 0", "mask_ratio": "in (0, 1]",
+                        "prompt_weight": "in [0, 1] or null",
                         "merge_method": f"one of {sorted(MERGERS)}", "cluster_method": "'kmeans' or 'agglomerative'"}
             want = expected.get(key, "a positive integer" + (" or null" if optional else ""))
             raise ValueError(f"model.{key} must be {want}, got {value!r}")

@@ -173,6 +173,24 @@ def test_loading_edits_into_another_model_fails_clearly(tmp_path):
         module.load_edits(tmp_path / "nothing")
 
 
+def test_prompt_weight_splits_the_target_loss_between_bare_and_prefixed_prompts():
+    batch = make().prepare_edit(A)
+
+    def edit_loss(module: RepairModule) -> float:
+        module.memory.mode = "edit"  # as inside an edit: side output, scores recorded
+        with torch.no_grad():
+            return float(module.edit_losses(batch)["edit_loss"])
+
+    token_mean, half = edit_loss(make()), edit_loss(make(prompt_weight=0.5))
+    bare_only = make(prompt_weight=1.0)
+    bare, prefixed = edit_loss(bare_only), edit_loss(make(prompt_weight=0.0))
+    assert bare == pytest.approx(target_loss(bare_only, A), rel=1e-4)  # the bare prompt's own CE
+    assert half == pytest.approx(0.5 * bare + 0.5 * prefixed, rel=1e-5)
+    assert token_mean != pytest.approx(half)  # None is the plain mean over all answer tokens
+    with pytest.raises(ValueError, match="model.prompt_weight"):
+        make(prompt_weight=1.5)
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="model.layer"):
         make(layer=7)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Probe editing settings cheaply: edit the first N records in lifelong chunks of T once per
+setting, then score each chunk's final memory at several routing thresholds (act_ratio only
+changes evaluation, so one edit pass serves every threshold). Loads the model once.
+
+    python scripts/probe_routing.py --n 20 --T 10 --act_ratios 1.0 1.03 1.06 \\
+        --setting '{"method": "wise", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}' \\
+        --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}'
+
+Each --setting is a JSON object of ``RepairModule`` arguments. Prints, per setting, steps per
+edit, edits whose target was reached, seconds per edit, interventions, and Rel/Gen/Loc per
+act_ratio (means over chunks, as ``scripts/edit.py fit``). This is how configs/zsre.yaml's
+settings were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+METRICS = ("rewrite_acc", "rephrase_acc", "locality")
+
+
+def probe(module, records, T: int, act_ratios: list[float], reference) -> dict:
+    """Edit ``records`` in chunks of ``T`` and score each chunk's memory at every act_ratio."""
+    from repair_pl.evaluate import evaluate_records
+
+    sums = {r: {k: [] for k in METRICS} for r in act_ratios}
+    start_time, steps, reached = time.perf_counter(), 0, 0
+    for start in range(0, len(records), T):
+        chunk = records[start:start + T]
+        module.reset_edits()
+        for _, result in module.edit_stream(chunk, progress=False):
+            steps += result.steps
+            reached += bool(result.target_reached and not result.retry)
+        for ratio in act_ratios:
+            module.memory.act_ratio = ratio
+            module.memory.invalidate()
+            ev = evaluate_records(module.logits_fn(), module.tokenizer, chunk, reference=reference[start:start + T],
+                                  batch_size=module.hparams.eval_batch_size, max_length=module.hparams.max_length)
+            for key in METRICS:
+                sums[ratio][key].append(ev.means[key])
+    n = len(records)
+    return {"steps_per_edit": steps / n, "reached": reached, "n": n,
+            "seconds_per_edit": (time.perf_counter() - start_time) / n,
+            "interventions": module.intervention_counts(),
+            "by_act_ratio": {r: {k: sum(v) / len(v) for k, v in m.items()} for r, m in sums.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/zsre/zsre_edit_1000.json")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--start", type=int, default=0, help="first record")
+    parser.add_argument("--n", type=int, default=20, help="records")
+    parser.add_argument("--T", type=int, default=10, help="edits per lifelong chunk")
+    parser.add_argument("--act_ratios", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--setting", action="append", required=True, help="JSON object of RepairModule arguments")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    try:
+        settings = [json.loads(s) for s in args.setting]
+    except json.JSONDecodeError as err:
+        parser.error(f"--setting is not JSON: {err}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from repair_pl.data.datamodule import fill_routing_prompts
+    from repair_pl.data.formats import load_records
+    from repair_pl.evaluate import evaluate_records
+    from repair_pl.models import decoder_layers, load_model
+    from repair_pl.module import RepairModule
+
+    model, tokenizer = load_model(args.model)
+    records = fill_routing_prompts(load_records(args.data)[0][:args.start + args.n])[args.start:]
+    reference = None
+    for setting in settings:
+        torch.manual_seed(0)
+        module = RepairModule(model, tokenizer, **setting)
+        if reference is None:
+            reference = evaluate_records(module.logits_fn(edited=False), tokenizer, records,
+                                         batch_size=module.hparams.eval_batch_size,
+                                         max_length=module.hparams.max_length).locality_preds
+        out = probe(module, records, args.T, args.act_ratios, reference)
+        print(f"{json.dumps(setting)}: steps/edit {out['steps_per_edit']:.1f}, reached {out['reached']}/{out['n']}, "
+              f"{out['seconds_per_edit']:.2f} s/edit, interventions {out['interventions']}")
+        for ratio, m in out["by_act_ratio"].items():
+            print(f"  act_ratio {ratio}: Rel {m['rewrite_acc']:.3f}  Gen {m['rephrase_acc']:.3f}  Loc {m['locality']:.3f}",
+                  flush=True)
+        # unwrap the edited layer so the next setting starts from the plain model
+        decoder_layers(model)[module.layer].mlp.down_proj = module.memory.main
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""scripts/probe_routing.py: one edit pass scored at several routing thresholds."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from repair_pl.data import EditRecord
+from repair_pl.evaluate import evaluate_records
+from repair_pl.module import RepairModule
+from repair_pl.testing import char_tokenizer, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_routing.py"
+TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=30, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
+            norm_constraint=None, eval_batch_size=4)
+RECORDS = [EditRecord("capital of fr?", "xyz", rephrases=("fr capital?",), locality=(("who is bob", "abc"),),
+                      routing_prompt="unrelated text here"),
+           EditRecord("ceo of msft?", "qwe", rephrases=("msft ceo?",), locality=(("what is 2+2", "four"),),
+                      routing_prompt="some other thing")]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("probe_routing", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_scores_one_memory_at_every_threshold():
+    probe = load_script().probe
+    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS)
+    out = probe(module, RECORDS, T=2, act_ratios=[0.0, 1e6], reference=pre.locality_preds)
+    assert out["n"] == 2 and out["steps_per_edit"] == 30
+    everything, nothing = out["by_act_ratio"][0.0], out["by_act_ratio"][1e6]
+    assert nothing["locality"] == 1.0 and nothing["rewrite_acc"] == pytest.approx(pre.means["rewrite_acc"])
+    assert everything["rewrite_acc"] > nothing["rewrite_acc"]  # the edits live in the side memory
