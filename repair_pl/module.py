@@ -97,7 +97,8 @@ class RepairModule(L.LightningModule):
         decay_factor, threshold, min_intervention, stop_loss, routing_tolerance: see
             :class:`~repair_pl.callbacks.ProgressiveIntervention`.
         stagnation_window, max_lr_factor, divergence_factor, max_rollbacks: see
-            :class:`~repair_pl.callbacks.ClosedLoopFeedback`.
+            :class:`~repair_pl.callbacks.ClosedLoopFeedback`; ``undo_unreached`` is its
+            ``fail_unconverged`` (turn it off for long-form targets that are never fully predicted).
         cluster_size, cluster_method, heterogeneous: see
             :class:`~repair_pl.callbacks.DistributionAwareMemory`.
         tau_prune, max_retries: see :class:`~repair_pl.callbacks.ErrorFeedback`.
@@ -134,7 +135,7 @@ class RepairModule(L.LightningModule):
                  loss_aware_merge: bool = True, decay_factor: float = 0.95, threshold: float = 0.01,
                  min_intervention: float = 0.1, stop_loss: float | None = None,
                  routing_tolerance: float = float("inf"), stagnation_window: int = 5,
-                 max_lr_factor: float = 4.0, divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
+                 max_lr_factor: float = 4.0, undo_unreached: bool = True, divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
                  max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
                  distill_temperature: float = 2.0, edit_batch_size: int | None = None,
@@ -199,6 +200,7 @@ class RepairModule(L.LightningModule):
         self._lower: tuple[tuple, dict] | None = None
         self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
         self._retries: list[tuple[EditRecord, EditResult]] = []
+        self._routing_floor: float | None = None  # min in-scope score before the current batch
         self.step_stats: dict[str, float] = {}
 
     # ---- placement ---------------------------------------------------------------------------
@@ -459,6 +461,7 @@ class RepairModule(L.LightningModule):
         callbacks: list[L.Callback] = []
         if on(hp.closed_loop):
             callbacks.append(ClosedLoopFeedback(window=hp.stagnation_window, max_lr_factor=hp.max_lr_factor,
+                                                fail_unconverged=hp.undo_unreached,
                                                 divergence_factor=hp.divergence_factor,
                                                 max_rollbacks=hp.max_rollbacks))
         if on(hp.progressive):  # after closed loop: it applies the final lr of the step
@@ -579,6 +582,18 @@ class RepairModule(L.LightningModule):
             self.memory.mode = previous
         return float(self.memory.last_scores[0])
 
+    @torch.no_grad()
+    def recalibrate_routing(self, records: list[EditRecord]) -> None:
+        """Re-measure the routing threshold after a merge (REPAIR; ours): merging moves every
+        score, so the minimum in-scope score becomes the minimum over ``records`` (the batch's
+        successful edits) on the merged memory, never above the minimum before the batch."""
+        if not isinstance(self.memory, SideMemory) or self.memory.retrieve or not records:
+            return
+        scores = [self.in_scope_score(r) for r in records]
+        floor = self._routing_floor
+        self.memory.min_in_scope = min(scores) if floor is None else min(floor, *scores)
+        self.memory.invalidate()
+
     def edit_stream(self, records: list[EditRecord], progress: bool = True):
         """Edit ``records`` one after another (they accumulate); yields ``(record, EditResult)``
         per edit, and again for every re-edit by error feedback (``result.retry`` is True).
@@ -596,6 +611,7 @@ class RepairModule(L.LightningModule):
         for start in range(0, len(records), size):
             batch = list(records[start: start + size])
             self.shard_plan, self._retries = None, []
+            self._routing_floor = getattr(self.memory, "min_in_scope", None)  # see recalibrate_routing
             for cb in streams:
                 batch = cb.on_edit_batch_start(self, batch)
             results = []

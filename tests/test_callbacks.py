@@ -225,6 +225,18 @@ def test_repair_early_stops_and_runs_all_components():
     assert module.memory.shards == []  # merged at the end of the batch
 
 
+def test_merge_recalibrates_the_routing_threshold_on_the_merged_memory():
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, closed_loop=False,
+                          error_feedback=False, cluster_size=1, **TINY)
+    list(module.edit_stream([A, B], progress=False))  # one shard per edit, TIES-merged after the batch
+    assert module.memory.shards == []
+    merged_scores = [module.in_scope_score(r) for r in (A, B)]
+    assert module.memory.min_in_scope == pytest.approx(min(merged_scores))
+    module._routing_floor = 0.5 * min(merged_scores)  # a lower minimum from before the batch is kept
+    module.recalibrate_routing([A, B])
+    assert module.memory.min_in_scope == pytest.approx(0.5 * min(merged_scores))
+
+
 def test_wise_is_repair_with_every_component_off():
     assert RepairModule(tiny_llama(), char_tokenizer(), method="wise", **TINY).edit_callbacks == []
     ablated = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, **TINY)

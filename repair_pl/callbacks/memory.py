@@ -53,6 +53,7 @@ class MemoryMerging(EditStreamCallback):
 
     def on_edit_batch_end(self, module, records: list, results: list) -> None:
         module.memory.merge_shards(loss_aware=self.loss_aware, eps=self.eps)
+        module.recalibrate_routing([r for r, res in zip(records, results) if res.success])
 
 
 @torch.no_grad()
@@ -81,6 +82,7 @@ class ErrorFeedback(EditStreamCallback):
 
     def on_edit_batch_end(self, module, records: list, results: list) -> None:
         shards = getattr(module, "shard_plan", None) or [records]
+        succeeded = {id(r): res.success for r, res in zip(records, results)}
         for round_ in range(self.max_retries):
             correct = dict(zip(map(id, records), rewrite_correct(module, records)))
             redo = []
@@ -95,7 +97,8 @@ class ErrorFeedback(EditStreamCallback):
                 return
             self.counts["reintegrated"] += len(redo)
             for record in redo:
-                module.reedit(record)
+                succeeded[id(record)] = module.reedit(record).success
             module.memory.merge_shards(loss_aware=False)
+            module.recalibrate_routing([r for r in records if succeeded[id(r)]])
             shards = [redo]
         self.counts["still_failing"] += sum(not ok for ok in rewrite_correct(module, records))
