@@ -763,10 +763,18 @@ class _StopForward(Exception):
 
 
 class _quiet_lightning:
-    """Silence Lightning's per-fit info lines (GPU available, ...) during the many short fits."""
+    """Silence Lightning's per-fit info lines (GPU available, ...) during the many short fits,
+    and two warnings every fit repeats: the frozen model is in eval mode on purpose, and the
+    pytree deprecation is Lightning's own, about torch's API."""
 
     def __enter__(self):
         import logging
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
         self._loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric",
                                                          "lightning.pytorch.utilities.rank_zero")]
@@ -777,3 +785,4 @@ class _quiet_lightning:
     def __exit__(self, *exc):
         for lg, level in zip(self._loggers, self._levels):
             lg.setLevel(level)
+        self._warnings.__exit__(*exc)

@@ -57,11 +57,18 @@ CHEAP_STREAM = dict(method="repair", max_steps=30, n_prefixes=3, closed_loop=Fal
 
 # ---- set-up ------------------------------------------------------------------------------------
 def model_settings(model: str) -> dict:
-    """RepairModule arguments that depend on the model (layer, margins)."""
+    """RepairModule arguments that depend on the model (layer, margins; for the embedded
+    SmolLM2 the settings tuned for it in configs/zsre.yaml)."""
     if model == "tiny-random":
         return dict(TINY_SETTINGS)
     if "llama-3" in model.lower():
         return dict(LLAMA3_SETTINGS)
+    if model == "smollm2":
+        import yaml
+
+        config = Path(__file__).resolve().parents[1] / "configs" / "zsre.yaml"
+        tuned = yaml.safe_load(config.read_text())["model"]
+        return {k: v for k, v in tuned.items() if k not in ("model", "method")}
     return {}
 
 
