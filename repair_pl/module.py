@@ -54,6 +54,10 @@ class _Repeat(Dataset):
         return self.batch
 
 
+RECALIBRATION_MARGIN = 0.99
+"""After a REPAIR merge the routing threshold sits this fraction of the weakest edit's score."""
+
+
 class RepairModule(L.LightningModule):
     """Lifelong editor: a frozen causal LM whose layer ``layer`` MLP down projection is wrapped
     in a :class:`SideMemory`. ``edit(record)`` runs one short ``Trainer.fit`` on this module.
@@ -584,14 +588,18 @@ class RepairModule(L.LightningModule):
 
     @torch.no_grad()
     def recalibrate_routing(self, records: list[EditRecord]) -> None:
-        """Re-measure the routing threshold after a merge (REPAIR; ours): merging moves every
-        score, so the minimum in-scope score becomes the minimum over ``records`` (the batch's
-        successful edits) on the merged memory, never above the minimum before the batch."""
+        """Re-measure the routing threshold after a merge (REPAIR; ours). Merging moves every
+        score, so the threshold is set just below (``RECALIBRATION_MARGIN``) the weakest of
+        ``records`` (the batch's successful edits) on the merged memory: every one of them routes,
+        and the threshold stays as high as that allows. It never rises above the threshold from
+        before the batch (earlier batches' edits are not re-measured)."""
         if not isinstance(self.memory, SideMemory) or self.memory.retrieve or not records:
             return
-        scores = [self.in_scope_score(r) for r in records]
+        weakest = min(self.in_scope_score(r) for r in records)
+        # epsilon = act_ratio x min_in_scope, so this puts epsilon at MARGIN x the weakest score
+        measured = RECALIBRATION_MARGIN * weakest / self.memory.act_ratio
         floor = self._routing_floor
-        self.memory.min_in_scope = min(scores) if floor is None else min(floor, *scores)
+        self.memory.min_in_scope = measured if floor is None else min(floor, measured)
         self.memory.invalidate()
 
     def edit_stream(self, records: list[EditRecord], progress: bool = True):

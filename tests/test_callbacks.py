@@ -10,7 +10,7 @@ import torch
 from repair_pl.callbacks import ClosedLoopFeedback, ProgressiveIntervention
 from repair_pl.clustering import cluster_labels, plan_shards
 from repair_pl.data import EditRecord
-from repair_pl.module import RepairModule
+from repair_pl.module import RECALIBRATION_MARGIN, RepairModule
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 
@@ -225,16 +225,25 @@ def test_repair_early_stops_and_runs_all_components():
     assert module.memory.shards == []  # merged at the end of the batch
 
 
+def routed(module: RepairModule, prompt: str) -> bool:
+    ids = module.tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        module(ids.input_ids, ids.attention_mask)
+    return int(module.memory.last_choice[0]) == 0
+
+
 def test_merge_recalibrates_the_routing_threshold_on_the_merged_memory():
     module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, closed_loop=False,
                           error_feedback=False, cluster_size=1, **TINY)
     list(module.edit_stream([A, B], progress=False))  # one shard per edit, TIES-merged after the batch
     assert module.memory.shards == []
     merged_scores = [module.in_scope_score(r) for r in (A, B)]
-    assert module.memory.min_in_scope == pytest.approx(min(merged_scores))
-    module._routing_floor = 0.5 * min(merged_scores)  # a lower minimum from before the batch is kept
+    assert module.memory.epsilon == pytest.approx(RECALIBRATION_MARGIN * min(merged_scores))
+    assert routed(module, A.prompt) and routed(module, B.prompt)  # both edits route
+    module._routing_floor = 0.5 * module.memory.min_in_scope  # a lower threshold from before the batch is kept
+    floor = module._routing_floor
     module.recalibrate_routing([A, B])
-    assert module.memory.min_in_scope == pytest.approx(0.5 * min(merged_scores))
+    assert module.memory.min_in_scope == pytest.approx(floor)
 
 
 def test_wise_is_repair_with_every_component_off():
