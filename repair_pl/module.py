@@ -54,10 +54,6 @@ class _Repeat(Dataset):
         return self.batch
 
 
-RECALIBRATION_MARGIN = 0.99
-"""After a REPAIR merge the routing threshold sits this fraction of the weakest edit's score."""
-
-
 class RepairModule(L.LightningModule):
     """Lifelong editor: a frozen causal LM whose layer ``layer`` MLP down projection is wrapped
     in a :class:`SideMemory`. ``edit(record)`` runs one short ``Trainer.fit`` on this module.
@@ -98,6 +94,8 @@ class RepairModule(L.LightningModule):
             (:mod:`repair_pl.callbacks`); ``None`` means on for ``method="repair"`` and off for
             ``"wise"``. Switch one off for an ablation.
         loss_aware_merge: with distribution-aware memory, weigh shards by 1/(final loss + eps).
+        recalibration_margin: after each REPAIR merge the routing threshold is set to this
+            fraction of the weakest score among the batch's edits (:meth:`recalibrate_routing`).
         decay_factor, threshold, min_intervention, stop_loss, routing_tolerance: see
             :class:`~repair_pl.callbacks.ProgressiveIntervention`.
         stagnation_window, max_lr_factor, divergence_factor, max_rollbacks: see
@@ -136,7 +134,7 @@ class RepairModule(L.LightningModule):
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
                  progressive: bool | None = None, closed_loop: bool | None = None,
                  distribution_aware: bool | None = None, error_feedback: bool | None = None,
-                 loss_aware_merge: bool = True, decay_factor: float = 0.95, threshold: float = 0.01,
+                 loss_aware_merge: bool = True, recalibration_margin: float = 0.9, decay_factor: float = 0.95, threshold: float = 0.01,
                  min_intervention: float = 0.1, stop_loss: float | None = None,
                  routing_tolerance: float = float("inf"), stagnation_window: int = 5,
                  max_lr_factor: float = 4.0, undo_unreached: bool = True, divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
@@ -156,7 +154,8 @@ class RepairModule(L.LightningModule):
                                     retrieve=retrieve, save_freq=save_freq, merge_freq=merge_freq)
         _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, edit_batch_size=edit_batch_size,
                        save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
-                       n_negatives=n_negatives, mask_ratio=mask_ratio, prompt_weight=prompt_weight, merge_method=merge_method,
+                       n_negatives=n_negatives, mask_ratio=mask_ratio, prompt_weight=prompt_weight,
+                       recalibration_margin=recalibration_margin, merge_method=merge_method,
                        cluster_method=cluster_method)
         self.save_hyperparameters(ignore=["model", "tokenizer"] if not isinstance(model, str) else ["tokenizer"])
         check_device_map(device_map)
@@ -589,15 +588,15 @@ class RepairModule(L.LightningModule):
     @torch.no_grad()
     def recalibrate_routing(self, records: list[EditRecord]) -> None:
         """Re-measure the routing threshold after a merge (REPAIR; ours). Merging moves every
-        score, so the threshold is set just below (``RECALIBRATION_MARGIN``) the weakest of
-        ``records`` (the batch's successful edits) on the merged memory: every one of them routes,
-        and the threshold stays as high as that allows. It never rises above the threshold from
-        before the batch (earlier batches' edits are not re-measured)."""
+        score, so the threshold is set to ``recalibration_margin`` x the weakest of ``records``
+        (the batch's successful edits) on the merged memory: every one of them routes, with some
+        room for their rephrasings. It never rises above the threshold from before the batch
+        (earlier batches' edits are not re-measured)."""
         if not isinstance(self.memory, SideMemory) or self.memory.retrieve or not records:
             return
         weakest = min(self.in_scope_score(r) for r in records)
-        # epsilon = act_ratio x min_in_scope, so this puts epsilon at MARGIN x the weakest score
-        measured = RECALIBRATION_MARGIN * weakest / self.memory.act_ratio
+        # epsilon = act_ratio x min_in_scope, so this puts epsilon at margin x the weakest score
+        measured = self.hparams.recalibration_margin * weakest / self.memory.act_ratio
         floor = self._routing_floor
         self.memory.min_in_scope = measured if floor is None else min(floor, measured)
         self.memory.invalidate()
@@ -745,6 +744,8 @@ def _check_options(**options) -> None:
             bad = not 0 < value <= 1
         elif key == "prompt_weight":
             bad = value is not None and not 0 <= value <= 1
+        elif key == "recalibration_margin":
+            bad = not 0 < value <= 1
         elif key == "merge_method":
             bad = value not in MERGERS
         elif key == "cluster_method":
@@ -753,7 +754,7 @@ def _check_options(**options) -> None:
             bad = not (optional and value is None) and (not isinstance(value, int) or value < 1)
         if bad:
             expected = {"n_prefixes": "an integer >= 0", "n_negatives": "an integer >= 0", "mask_ratio": "in (0, 1]",
-                        "prompt_weight": "in [0, 1] or null",
+                        "prompt_weight": "in [0, 1] or null", "recalibration_margin": "in (0, 1]",
                         "merge_method": f"one of {sorted(MERGERS)}", "cluster_method": "'kmeans' or 'agglomerative'"}
             want = expected.get(key, "a positive integer" + (" or null" if optional else ""))
             raise ValueError(f"model.{key} must be {want}, got {value!r}")

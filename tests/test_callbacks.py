@@ -10,7 +10,7 @@ import torch
 from repair_pl.callbacks import ClosedLoopFeedback, ProgressiveIntervention
 from repair_pl.clustering import cluster_labels, plan_shards
 from repair_pl.data import EditRecord
-from repair_pl.module import RECALIBRATION_MARGIN, RepairModule
+from repair_pl.module import RepairModule
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 
@@ -238,7 +238,7 @@ def test_merge_recalibrates_the_routing_threshold_on_the_merged_memory():
     list(module.edit_stream([A, B], progress=False))  # one shard per edit, TIES-merged after the batch
     assert module.memory.shards == []
     merged_scores = [module.in_scope_score(r) for r in (A, B)]
-    assert module.memory.epsilon == pytest.approx(RECALIBRATION_MARGIN * min(merged_scores))
+    assert module.memory.epsilon == pytest.approx(0.9 * min(merged_scores))  # recalibration_margin
     assert routed(module, A.prompt) and routed(module, B.prompt)  # both edits route
     module._routing_floor = 0.5 * module.memory.min_in_scope  # a lower threshold from before the batch is kept
     floor = module._routing_floor
