@@ -134,7 +134,7 @@ class RepairModule(L.LightningModule):
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
                  progressive: bool | None = None, closed_loop: bool | None = None,
                  distribution_aware: bool | None = None, error_feedback: bool | None = None,
-                 loss_aware_merge: bool = True, recalibration_margin: float = 0.9, decay_factor: float = 0.95, threshold: float = 0.01,
+                 loss_aware_merge: bool = True, recalibration_margin: float = 0.91, decay_factor: float = 0.95, threshold: float = 0.01,
                  min_intervention: float = 0.1, stop_loss: float | None = None,
                  routing_tolerance: float = float("inf"), stagnation_window: int = 5,
                  max_lr_factor: float = 4.0, undo_unreached: bool = True, divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
