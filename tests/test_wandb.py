@@ -21,7 +21,7 @@ def test_offline_wandb_run_holds_the_per_edit_curves_and_final_metrics(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # offline must be the default
     env["WANDB_CACHE_DIR"] = env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb-home")
     cmd = [sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", "--config", "configs/demo.yaml",
-           "--config", "configs/wandb.yaml", *TINY, "--data.ds_size", "2", "--T", "2",
+           "--config", "configs/wandb.yaml", *TINY, "--data.ds_size", "2", "--T", "2", "--model.lr", "2.0",
            "--trainer.default_root_dir", str(tmp_path / "run"),
            "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
            "--trainer.logger.init_args.group", "sweep-a", "--trainer.logger.init_args.name", "demo/wise_T2"]
@@ -42,7 +42,7 @@ def test_offline_wandb_run_holds_the_per_edit_curves_and_final_metrics(tmp_path)
     assert len(edits) == 2
     assert all({"edit/steps", "edit/lr", "edit/intervention"} <= set(row) for row in edits)
     assert [row["edit/steps"] for row in edits] == [3, 3]
-    assert all(row["edit/lr"] == pytest.approx(1.0) for row in edits)  # WISE: the configured lr, full strength
+    assert all(row["edit/lr"] == pytest.approx(2.0) for row in edits)  # WISE: the configured lr, full strength
 
     # the final metrics table, pre and post rows, as W&B stored it
     table_row = next(row for row in logged["history"] if "summary/path" in row)
