@@ -637,6 +637,11 @@ class RepairModule(L.LightningModule):
         if bar is not None:
             bar.close()
 
+    def unwrap_model(self) -> None:
+        """Put the frozen down projection back into the model (the module is spent), so the
+        same loaded model can be wrapped by another ``RepairModule``."""
+        decoder_layers(self.model)[self.layer].mlp.down_proj = self.memory.main
+
     def reset_edits(self) -> None:
         """Forget every edit: the side memory becomes a fresh copy of the main weight."""
         if self.method in BASELINES:

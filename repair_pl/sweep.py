@@ -70,6 +70,15 @@ def dataset_size(config: Path) -> int:
     return len(module.records)
 
 
+def model_settings(config: Path) -> dict:
+    """The ``RepairModule`` arguments of a config's model section, without ``model`` and
+    ``method`` (e.g. the SmolLM2 settings of configs/zsre.yaml, for code that loads its own model)."""
+    import yaml
+
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    return {k: v for k, v in model.items() if k not in ("model", "method")}
+
+
 @dataclass(frozen=True)
 class Run:
     """One lifelong run of the sweep."""

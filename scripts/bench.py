@@ -64,11 +64,10 @@ def model_settings(model: str) -> dict:
     if "llama-3" in model.lower():
         return dict(LLAMA3_SETTINGS)
     if model == "smollm2":
-        import yaml
+        from repair_pl.sweep import find_config
+        from repair_pl.sweep import model_settings as config_settings
 
-        config = Path(__file__).resolve().parents[1] / "configs" / "zsre.yaml"
-        tuned = yaml.safe_load(config.read_text())["model"]
-        return {k: v for k, v in tuned.items() if k not in ("model", "method")}
+        return config_settings(find_config("zsre"))
     return {}
 
 

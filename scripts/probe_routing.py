@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from repair_pl.data.datamodule import fill_routing_prompts
     from repair_pl.data.formats import load_records
     from repair_pl.evaluate import evaluate_records
-    from repair_pl.models import decoder_layers, load_model
+    from repair_pl.models import load_model
     from repair_pl.module import RepairModule
 
     model, tokenizer = load_model(args.model)
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for ratio, m in out["by_act_ratio"].items():
             print(f"  act_ratio {ratio}: Rel {m['rewrite_acc']:.3f}  Gen {m['rephrase_acc']:.3f}  Loc {m['locality']:.3f}",
                   flush=True)
-        # unwrap the edited layer so the next setting starts from the plain model
-        decoder_layers(model)[module.layer].mlp.down_proj = module.memory.main
+        module.unwrap_model()  # the next setting starts from the plain model
     return 0
 
 

@@ -191,6 +191,16 @@ def test_prompt_weight_splits_the_target_loss_between_bare_and_prefixed_prompts(
         make(prompt_weight=1.5)
 
 
+def test_unwrap_model_puts_the_frozen_layer_back_for_another_module():
+    module = make()
+    main = module.memory.main
+    module.unwrap_model()
+    layer = module.model.model.layers[module.layer].mlp
+    assert layer.down_proj is main
+    again = RepairModule(module.model, module.tokenizer, **TINY)  # wraps the plain layer, not the side memory
+    assert again.memory.main is main
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="model.layer"):
         make(layer=7)

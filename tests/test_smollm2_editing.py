@@ -4,11 +4,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import yaml
 
 from repair_pl.data.datamodule import DEMO_PATH, fill_routing_prompts
 from repair_pl.data.formats import load_records
 from repair_pl.evaluate import evaluate_records
+from repair_pl.sweep import model_settings
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zsre.yaml"
 
@@ -25,19 +25,18 @@ def smollm2():
 @pytest.mark.integration
 @pytest.mark.parametrize("method", ["wise", "repair"])
 def test_three_edits_are_made_and_unrelated_answers_kept(smollm2, method):
-    from repair_pl.models import decoder_layers
     from repair_pl.module import RepairModule
 
     model, tokenizer = smollm2
-    settings = {k: v for k, v in yaml.safe_load(CONFIG.read_text())["model"].items() if k not in ("model", "method")}
+    settings = model_settings(CONFIG)
     records = fill_routing_prompts(load_records(DEMO_PATH)[0][:3])
     module = RepairModule(model, tokenizer, method=method, **settings)
     try:
         pre = evaluate_records(module.logits_fn(edited=False), tokenizer, records)
         results = [result for _, result in module.edit_stream(records, progress=False)]
         post = evaluate_records(module.logits_fn(), tokenizer, records, reference=pre.locality_preds)
-    finally:  # the model is shared by the two cases: unwrap the edited layer
-        decoder_layers(model)[module.layer].mlp.down_proj = module.memory.main
+    finally:  # the model is shared by the two cases
+        module.unwrap_model()
     assert pre.means["rewrite_acc"] < 0.5
     # WISE loses one of the three to routing here (the first edit's score ends below the
     # threshold later edits set); REPAIR re-measures the threshold after its merge.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repair_pl.sweep import Run, SweepError, collect, comparison_table, plan, run_sweep
+from repair_pl.sweep import Run, SweepError, collect, comparison_table, find_config, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--", "--model.layer", "2", "--model.n_prefixes", "1", "--model.max_steps", "2",
@@ -162,3 +162,11 @@ def test_eren_runs_from_its_own_config_through_the_sweep(tmp_path, monkeypatch, 
     assert run_sweep(runs, tmp_path / "out") == []
     summary = json.loads((tmp_path / "out" / "mine" / "eren_T2" / "summary.json").read_text())
     assert summary["n_edits"] == 2
+
+
+def test_model_settings_of_a_config_leave_out_model_and_method():
+    from repair_pl.sweep import model_settings
+
+    settings = model_settings(find_config("zsre"))
+    assert "model" not in settings and "method" not in settings
+    assert settings["lr"] == 5.0 and settings["act_ratio"] == 1.03  # configs/zsre.yaml's SmolLM2 settings
