@@ -710,6 +710,12 @@ class RepairModule(L.LightningModule):
         saved = meta.get("method", "wise")
         if (saved in BASELINES or self.method in BASELINES) and saved != self.method:
             raise ValueError(f"{path}: edits were made with method {saved!r}; this module runs {self.method!r}")
+        self.restore_edits(tensors, meta)
+
+    def restore_edits(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Put back an edited state from :meth:`edited_state` (unchecked: :meth:`load_edits` checks
+        that a saved state fits this model). Keep a copy (``clone``/``deepcopy``) when the state
+        is a snapshot to return to: ``edited_state`` shares storage with the live memory."""
         if self.method in BASELINES:
             self.memory.load_state(tensors, meta)
             self.edit_count = meta["edit_count"]

@@ -285,3 +285,29 @@ def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(4, 10)
     assert float(distillation_loss(logits, logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(distillation_loss(logits, logits + torch.randn(4, 10))) > 0
+
+
+@pytest.mark.parametrize("fixed_after_round", [True, False])
+def test_error_feedback_keeps_a_round_only_if_it_fixes_more_edits(monkeypatch, fixed_after_round):
+    from repair_pl.callbacks import ErrorFeedback
+    from repair_pl.callbacks import memory
+
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, closed_loop=False,
+                          error_feedback=False, cluster_size=1, **TINY)
+    results = [r for _, r in module.edit_stream([A, B], progress=False)]
+    before = {k: v.clone() for k, v in module.edited_state()[0].items()}
+    threshold = module.memory.min_in_scope
+    # scripted re-check: A fails, B passes; after the round either both pass or neither does
+    script = iter([[False, True], [fixed_after_round, fixed_after_round]])
+    monkeypatch.setattr(memory, "rewrite_correct", lambda module, records: next(script))
+    feedback = ErrorFeedback(max_retries=1)
+    feedback.on_edit_batch_end(module, [A, B], results)
+    assert feedback.counts["reintegrated"] == 1  # A was re-edited
+    after = module.edited_state()[0]
+    if fixed_after_round:
+        assert feedback.counts["undone_rounds"] == 0 and feedback.counts["still_failing"] == 0
+        assert not torch.equal(after["side"], before["side"])
+    else:  # the round made things worse: the memory is exactly as before it
+        assert feedback.counts["undone_rounds"] == 1 and feedback.counts["still_failing"] == 1
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert module.memory.min_in_scope == threshold

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from repair_pl.callbacks.base import EditStreamCallback
@@ -74,17 +76,22 @@ class ErrorFeedback(EditStreamCallback):
     """After a batch is merged, re-check its edits through the routed model. A shard whose error
     rate exceeds ``tau_prune`` is re-initialised: all its edits are re-edited; other failed edits
     are re-edited one by one ("reintegration"), then merged again; at most ``max_retries`` rounds.
-    ``counts`` says how many edits needed it and how many still fail."""
+
+    A round is kept only if it leaves more of the batch's edits fully predicted than before it;
+    otherwise the memory goes back to its state before the round and error feedback stops (ours:
+    a hard edit re-trained at full budget can overwrite the entries that hold its neighbours).
+    ``counts`` says how many edits were re-edited, how many rounds were undone and how many edits
+    still fail."""
 
     def __init__(self, tau_prune: float = 0.5, max_retries: int = 2):
         self.tau_prune, self.max_retries = tau_prune, max_retries
-        self.counts = {"reintegrated": 0, "pruned_shards": 0, "still_failing": 0}
+        self.counts = {"reintegrated": 0, "pruned_shards": 0, "undone_rounds": 0, "still_failing": 0}
 
     def on_edit_batch_end(self, module, records: list, results: list) -> None:
         shards = getattr(module, "shard_plan", None) or [records]
         succeeded = {id(r): res.success for r, res in zip(records, results)}
-        for round_ in range(self.max_retries):
-            correct = dict(zip(map(id, records), rewrite_correct(module, records)))
+        correct = dict(zip(map(id, records), rewrite_correct(module, records)))
+        for _ in range(self.max_retries):
             redo = []
             for group in shards:
                 errors = [r for r in group if not correct[id(r)]]
@@ -94,11 +101,18 @@ class ErrorFeedback(EditStreamCallback):
                 else:
                     redo += errors
             if not redo:
-                return
+                break
+            tensors, meta = module.edited_state()  # shares storage with the memory: copy it
+            before = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
             self.counts["reintegrated"] += len(redo)
             for record in redo:
                 succeeded[id(record)] = module.reedit(record).success
             module.memory.merge_shards(loss_aware=False)
             module.recalibrate_routing([r for r in records if succeeded[id(r)]])
-            shards = [redo]
-        self.counts["still_failing"] += sum(not ok for ok in rewrite_correct(module, records))
+            now = dict(zip(map(id, records), rewrite_correct(module, records)))
+            if sum(now.values()) <= sum(correct.values()):
+                module.restore_edits(*before)
+                self.counts["undone_rounds"] += 1
+                break
+            correct, shards = now, [redo]
+        self.counts["still_failing"] += sum(not ok for ok in correct.values())
