@@ -77,6 +77,9 @@ class RepairModule(L.LightningModule):
             prefixed copies); ``None``: one mean over every answer token (WISE). Ours: the bare
             prompt is what Rel measures, and as one row in eleven it was the last to converge.
         mask_ratio: share of side-memory entries a shard may change.
+        disjoint_masks: the shards of a REPAIR batch get disjoint masks of ``min(mask_ratio, 1 /
+            n_shards)`` each, so merging them keeps every shard whole (ours; ``None``: on with
+            REPAIR's distribution-aware memory, off for WISE, whose shards overlap at random).
         norm_constraint: W' stays within +-norm_constraint (elementwise) of its value at the
             start of the edit; ``None`` disables.
         n_prefixes: random context prefixes generated once by the model; the edit is trained on
@@ -129,7 +132,8 @@ class RepairModule(L.LightningModule):
                  layer: int | None = None, lr: float = 1.0, max_steps: int = 70, act_ratio: float = 0.88,
                  alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, routing_weight: float = 1.0,
                  prompt_weight: float | None = None,
-                 mask_ratio: float = 0.2, norm_constraint: float | None = 1.0, n_prefixes: int = 10,
+                 mask_ratio: float = 0.2, disjoint_masks: bool | None = None,
+                 norm_constraint: float | None = 1.0, n_prefixes: int = 10,
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
                  progressive: bool | None = None, closed_loop: bool | None = None,
@@ -151,7 +155,8 @@ class RepairModule(L.LightningModule):
         if method in BASELINES:
             _check_baseline_options(method, progressive=progressive, closed_loop=closed_loop,
                                     distribution_aware=distribution_aware, error_feedback=error_feedback,
-                                    retrieve=retrieve, save_freq=save_freq, merge_freq=merge_freq)
+                                    retrieve=retrieve, save_freq=save_freq, merge_freq=merge_freq,
+                                    disjoint_masks=disjoint_masks)
         _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, edit_batch_size=edit_batch_size,
                        save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
                        n_negatives=n_negatives, mask_ratio=mask_ratio, prompt_weight=prompt_weight,
@@ -184,8 +189,11 @@ class RepairModule(L.LightningModule):
         elif method == "grace":
             self.memory = GraceCodebook(mlp.down_proj, eps=grace_eps)
         else:
+            if disjoint_masks is None:
+                disjoint_masks = method == "repair" and distribution_aware is not False
             self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
-                                     merge_method=merge_method, density=density, retrieve=retrieve, seed=seed)
+                                     merge_method=merge_method, density=density, retrieve=retrieve,
+                                     disjoint=disjoint_masks, seed=seed)
         mlp.down_proj = self.memory
         if isinstance(self.memory, SideMemory):
             self.memory.new_mask()
@@ -660,6 +668,7 @@ class RepairModule(L.LightningModule):
         # Reseed: every reset starts from the same state, so lifelong chunks are independent
         # and may run on different processes (repair_pl.distributed) with the same results.
         memory._generator.manual_seed(self.hparams.seed)
+        memory.used, memory.shard_ratio = torch.zeros_like(memory.used), memory.mask_ratio
         memory.new_mask()
         self.edit_count = 0
 
@@ -673,13 +682,14 @@ class RepairModule(L.LightningModule):
                     "weight_shape": list(m.main.weight.shape), "edit_count": self.edit_count, "method": self.method,
                     **extra}
             return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
-        tensors = {"side": m.side.detach(), "merged": m.merged, "mask": m.mask.to(torch.uint8)}
+        tensors = {"side": m.side.detach(), "merged": m.merged, "mask": m.mask.to(torch.uint8),
+                   "used": m.used.to(torch.uint8)}
         tensors.update({f"shard.{i}": s for i, s in enumerate(m.shards)})
         tensors.update({f"memory.{i}": s for i, s in enumerate(m.memories)})
         meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
                 "weight_shape": list(m.side.shape), "edit_count": self.edit_count,
                 "min_in_scope": m.min_in_scope, "period_min": m.period_min, "memory_scales": m.memory_scales,
-                "act_ratio": m.act_ratio, "n_shards": len(m.shards),
+                "act_ratio": m.act_ratio, "shard_ratio": m.shard_ratio, "n_shards": len(m.shards),
                 "n_memories": len(m.memories), "prefixes": self.prefixes, "method": self.method,
                 "generator_state": m._generator.get_state().tolist(),
                 "shard_losses": m.shard_losses, "current_losses": m.current_losses,
@@ -724,6 +734,8 @@ class RepairModule(L.LightningModule):
         with torch.no_grad():
             m.side.copy_(tensors["side"])
         m.merged, m.mask = tensors["merged"].to(device), tensors["mask"].bool().to(device)
+        m.used = tensors["used"].bool().to(device) if "used" in tensors else torch.zeros_like(m.mask)
+        m.shard_ratio = meta.get("shard_ratio", m.mask_ratio)
         m.shards = [tensors[f"shard.{i}"].to(device) for i in range(meta["n_shards"])]
         m.memories = [tensors[f"memory.{i}"].to(device) for i in range(meta["n_memories"])]
         m.min_in_scope, self.edit_count, self.prefixes = meta["min_in_scope"], meta["edit_count"], meta["prefixes"]

@@ -12,6 +12,11 @@ Shards (our reading of WISE's knowledge sharding, documented in README "Design c
 from ``merged`` with a new mask; every ``merge_freq`` edits the stored shards (and the current
 one) are merged into ``merged`` (TIES by default). Until a merge happens, inference uses the
 merge of the stored shards and the current one, so edits are visible at all times.
+
+With ``disjoint`` masks (REPAIR, ours) no two shards pending a merge share an entry, so a TIES
+merge keeps every shard's change whole instead of averaging the overlaps (with 20 shards of 20%
+each, an entry is shared by ~4 of them); :meth:`SideMemory.plan_shards` sizes the masks of a
+batch's shards to fit.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ class SideMemory(nn.Module):
     """
 
     def __init__(self, main: nn.Linear, act_ratio: float = 0.88, mask_ratio: float = 0.2,
-                 merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, seed: int = 0):
+                 merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, disjoint: bool = False,
+                 seed: int = 0):
         super().__init__()
         if main.bias is not None:
             raise ValueError("SideMemory expects a bias-free down projection (Llama-family MLP)")
@@ -43,6 +49,8 @@ class SideMemory(nn.Module):
         self.side = nn.Parameter(weight.clone())  # fp32 even when the frozen model is bf16
         self.register_buffer("merged", weight.clone(), persistent=False)
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
+        # entries already given to a shard since the last merge (disjoint masks only)
+        self.register_buffer("used", torch.zeros_like(weight, dtype=torch.bool), persistent=False)
         self.shards: list[Tensor] = []  # stored, not yet merged
         self.shard_losses: list[float] = []  # mean final edit loss of each stored shard
         self.current_losses: list[float] = []  # final losses of the edits in the current shard
@@ -50,6 +58,7 @@ class SideMemory(nn.Module):
         self.memory_scales: list[float] = []  # their min in-scope scores (retrieve compares ratios)
         self.period_min: float | None = None  # min in-scope score since the last retrieve merge
         self.act_ratio, self.mask_ratio = act_ratio, mask_ratio
+        self.disjoint, self.shard_ratio = disjoint, mask_ratio  # shard_ratio: share of the next disjoint mask
         self.merge_method, self.density, self.retrieve = merge_method, density, retrieve
         self.min_in_scope: float | None = None
         self.mode = "route"
@@ -67,9 +76,28 @@ class SideMemory(nn.Module):
         return None if self.min_in_scope is None else self.act_ratio * self.min_in_scope
 
     def new_mask(self) -> None:
-        """Draw the random gradient mask of a new shard (``mask_ratio`` of the entries)."""
+        """Draw the random gradient mask of a new shard: ``mask_ratio`` of the entries, or with
+        ``disjoint`` masks ``shard_ratio`` of them among those no pending shard holds (when too
+        few are left, the rest; when none are, an overlapping draw)."""
         rand = torch.rand(self.side.shape, generator=self._generator)
-        self.mask = (rand < self.mask_ratio).to(self.side.device)
+        free = int((~self.used).sum())
+        if not self.disjoint or free == 0:
+            self.mask = (rand < (self.shard_ratio if self.disjoint else self.mask_ratio)).to(self.side.device)
+            return
+        rand[self.used.cpu()] = 2.0  # above every draw: never picked
+        k = min(max(1, round(self.shard_ratio * rand.numel())), free)
+        self.mask = (rand <= rand.flatten().kthvalue(k).values).to(self.side.device)
+        self.used = self.used | self.mask
+
+    def plan_shards(self, n: int) -> None:
+        """Before a batch whose edits will fill ``n`` shards (REPAIR): with ``disjoint`` masks,
+        each shard gets ``min(mask_ratio, 1/n)`` of the entries, so all ``n`` fit side by side;
+        the current shard's mask is drawn again at that size. Call it when no shard is pending."""
+        if not self.disjoint:
+            return
+        self.shard_ratio = min(self.mask_ratio, 1.0 / max(n, 1))
+        self.used = torch.zeros_like(self.used)
+        self.new_mask()
 
     def record_in_scope(self, score: float) -> None:
         """Update the routing threshold with an edit's final in-scope score."""
@@ -113,6 +141,7 @@ class SideMemory(nn.Module):
         self.shard_losses, self.current_losses = [], []
         with torch.no_grad():
             self.side.copy_(merged)
+        self.used, self.shard_ratio = torch.zeros_like(self.used), self.mask_ratio  # nothing pending
         self.new_mask()
 
     def _pending(self) -> list[Tensor]:

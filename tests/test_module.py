@@ -159,6 +159,25 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(fresh.memory.mask, module.memory.mask)
 
 
+def test_save_load_round_trip_keeps_the_disjoint_mask_plan(tmp_path):
+    module = make(max_steps=2, save_freq=1, disjoint_masks=True)
+    module.memory.plan_shards(4)
+    module.edit(A)
+    module.save_edits(tmp_path / "edits")
+    fresh = make(max_steps=2, save_freq=1, disjoint_masks=True)
+    fresh.load_edits(tmp_path / "edits")
+    assert fresh.memory.shard_ratio == module.memory.shard_ratio == 0.25
+    assert torch.equal(fresh.memory.used, module.memory.used) and fresh.memory.used.any()
+    fresh.memory.new_mask(), module.memory.new_mask()  # the next shard avoids the same entries
+    assert torch.equal(fresh.memory.mask, module.memory.mask)
+    assert not (fresh.memory.mask & fresh.memory.shards[0].ne(fresh.memory.merged)).any()
+
+
+def test_repair_uses_disjoint_masks_and_wise_does_not():
+    assert make(method="repair").memory.disjoint and not make(method="wise").memory.disjoint
+    assert not make(method="repair", distribution_aware=False).memory.disjoint
+
+
 def test_loading_edits_into_another_model_fails_clearly(tmp_path):
     module = make(max_steps=2)
     module.edit(A)

@@ -40,3 +40,34 @@ def test_sticky_step_with_nothing_routed_is_the_main_output():
         step = torch.randn(2, 1, 8)
         assert torch.equal(memory(step), memory.main(step))
     assert memory.sticky is None
+
+
+def test_disjoint_masks_of_a_batch_never_overlap_and_merge_whole():
+    from repair_pl.merge import ties_merge
+
+    torch.manual_seed(0)
+    memory = SideMemory(nn.Linear(40, 30, bias=False).requires_grad_(False), mask_ratio=0.5, disjoint=True)
+    memory.plan_shards(3)  # 3 shards of min(0.5, 1/3) of the 1200 entries each
+    masks = []
+    for _ in range(3):
+        masks.append(memory.mask.clone())
+        with torch.no_grad():  # a shard's change lives inside its mask
+            memory.side.add_(torch.randn_like(memory.side) * memory.mask)
+        memory.save_shard()
+    assert [int(m.sum()) for m in masks] == [400, 400, 400]
+    assert int((masks[0] & masks[1]).sum() + (masks[0] & masks[2]).sum() + (masks[1] & masks[2]).sum()) == 0
+    base, shards = memory.merged.clone(), list(memory.shards)
+    memory.merge_shards()
+    assert torch.allclose(memory.merged, base + sum(s - base for s in shards))  # TIES keeps every shard whole
+    assert torch.allclose(ties_merge(base, shards, density=0.53), memory.merged)
+    assert int(memory.used.sum()) == int(memory.mask.sum()) == 600  # after a merge: mask_ratio again, nothing pending
+
+
+def test_overlapping_masks_are_drawn_as_before_when_not_disjoint():
+    a = SideMemory(nn.Linear(40, 30, bias=False), mask_ratio=0.2, seed=3)
+    b = SideMemory(nn.Linear(40, 30, bias=False), mask_ratio=0.2, seed=3, disjoint=False)
+    a.new_mask(), b.new_mask()
+    b.plan_shards(10)  # no effect without disjoint masks
+    assert torch.equal(a.mask, b.mask)
+    expected = torch.rand((30, 40), generator=torch.Generator().manual_seed(3)) < 0.2
+    assert torch.equal(a.mask, expected)

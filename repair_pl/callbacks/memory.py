@@ -15,7 +15,8 @@ class DistributionAwareMemory(EditStreamCallback):
     """Before a batch of edits: embed the prompts (hidden states of the frozen model at the
     edited layer), cluster them, and edit cluster by cluster, one shard per cluster, so that
     each shard holds semantically similar edits. ``heterogeneous=True`` deliberately mixes
-    clusters across shards (the ablation)."""
+    clusters across shards (the ablation). With disjoint masks (the module's ``disjoint_masks``)
+    the batch's shards get non-overlapping masks sized to fit (:meth:`SideMemory.plan_shards`)."""
 
     def __init__(self, cluster_size: int = 5, n_clusters: int | None = None, method: str = "kmeans",
                  heterogeneous: bool = False, seed: int = 0):
@@ -29,6 +30,7 @@ class DistributionAwareMemory(EditStreamCallback):
         k = self.n_clusters or default_clusters(len(records), self.cluster_size)
         labels = cluster_labels(embed_prompts(module, [r.prompt for r in records]), k, self.method, self.seed)
         self.plan = plan_shards(records, labels, self.heterogeneous)
+        module.memory.plan_shards(len(self.plan))
         ends, total = set(), 0
         for group in self.plan:
             total += len(group)
