@@ -189,8 +189,8 @@ class RepairModule(L.LightningModule):
         elif method == "grace":
             self.memory = GraceCodebook(mlp.down_proj, eps=grace_eps)
         else:
-            if disjoint_masks is None:
-                disjoint_masks = method == "repair" and distribution_aware is not False
+            if disjoint_masks is None:  # with REPAIR's distribution-aware memory
+                disjoint_masks = _component_on(method, distribution_aware)
             self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
                                      merge_method=merge_method, density=density, retrieve=retrieve,
                                      disjoint=disjoint_masks, seed=seed)
@@ -467,7 +467,7 @@ class RepairModule(L.LightningModule):
         hp = self.hparams
 
         def on(flag):
-            return self.method == "repair" if flag is None else bool(flag)
+            return _component_on(self.method, flag)
 
         callbacks: list[L.Callback] = []
         if on(hp.closed_loop):
@@ -668,7 +668,7 @@ class RepairModule(L.LightningModule):
         # Reseed: every reset starts from the same state, so lifelong chunks are independent
         # and may run on different processes (repair_pl.distributed) with the same results.
         memory._generator.manual_seed(self.hparams.seed)
-        memory.used, memory.shard_ratio = torch.zeros_like(memory.used), memory.mask_ratio
+        memory.release_masks()
         memory.new_mask()
         self.edit_count = 0
 
@@ -745,6 +745,11 @@ class RepairModule(L.LightningModule):
         self._negatives.clear()
         self._negatives.extend(meta.get("negatives", []))
         m.invalidate()
+
+
+def _component_on(method: str, flag: bool | None) -> bool:
+    """Whether a REPAIR component is on: ``None`` means on for ``repair``, off otherwise."""
+    return method == "repair" if flag is None else bool(flag)
 
 
 def _check_baseline_options(method: str, **options) -> None:

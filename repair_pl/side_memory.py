@@ -80,9 +80,12 @@ class SideMemory(nn.Module):
         ``disjoint`` masks ``shard_ratio`` of them among those no pending shard holds (when too
         few are left, the rest; when none are, an overlapping draw)."""
         rand = torch.rand(self.side.shape, generator=self._generator)
+        if not self.disjoint:
+            self.mask = (rand < self.mask_ratio).to(self.side.device)
+            return
         free = int((~self.used).sum())
-        if not self.disjoint or free == 0:
-            self.mask = (rand < (self.shard_ratio if self.disjoint else self.mask_ratio)).to(self.side.device)
+        if free == 0:  # every entry is held by a pending shard: overlap
+            self.mask = (rand < self.shard_ratio).to(self.side.device)
             return
         rand[self.used.cpu()] = 2.0  # above every draw: never picked
         k = min(max(1, round(self.shard_ratio * rand.numel())), free)
@@ -95,9 +98,14 @@ class SideMemory(nn.Module):
         the current shard's mask is drawn again at that size. Call it when no shard is pending."""
         if not self.disjoint:
             return
+        self.release_masks()
         self.shard_ratio = min(self.mask_ratio, 1.0 / max(n, 1))
-        self.used = torch.zeros_like(self.used)
         self.new_mask()
+
+    def release_masks(self) -> None:
+        """No shard is pending (after a merge, a reset): every entry is free again and the next
+        disjoint mask has ``mask_ratio`` of them."""
+        self.used, self.shard_ratio = torch.zeros_like(self.used), self.mask_ratio
 
     def record_in_scope(self, score: float) -> None:
         """Update the routing threshold with an edit's final in-scope score."""
@@ -141,7 +149,7 @@ class SideMemory(nn.Module):
         self.shard_losses, self.current_losses = [], []
         with torch.no_grad():
             self.side.copy_(merged)
-        self.used, self.shard_ratio = torch.zeros_like(self.used), self.mask_ratio  # nothing pending
+        self.release_masks()
         self.new_mask()
 
     def _pending(self) -> list[Tensor]:

@@ -104,7 +104,7 @@ class ErrorFeedback(EditStreamCallback):
                     redo += errors
             if not redo:
                 break
-            tensors, meta = module.edited_state()  # shares storage with the memory: copy it
+            tensors, meta = module.edited_state()  # on CPU it shares storage with the memory: copy it
             before = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
             self.counts["reintegrated"] += len(redo)
             for record in redo:
