@@ -32,6 +32,9 @@ class EditCLI(LightningCLI):
         parser.add_argument("--checkpoint_every", type=int | None, default=10,
                             help="checkpoint the run into DIR/checkpoint every N edits; rerunning the same command "
                                  "resumes from it (null: no checkpoints)")
+        parser.add_argument("--pre_eval_cache", type=str | None, default=None,
+                            help="folder for the unedited model's evaluation: reused when the model, evaluation "
+                                 "settings and records match (a sweep shares one across methods; one process only)")
 
     def before_instantiate_classes(self) -> None:
         """Check the run's own options before the model is loaded."""
@@ -53,7 +56,7 @@ class EditCLI(LightningCLI):
         datamodule.setup("fit")
         summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
                                logger=self.trainer.logger or None, checkpoint_every=config.get("checkpoint_every"),
-                               skipped=datamodule.skipped,
+                               skipped=datamodule.skipped, pre_eval_cache=config.get("pre_eval_cache"),
                                progress=bool(trainer_cfg.get("enable_progress_bar", True)))
         log_summary_table(self.trainer.logger, summary)
         finish_run()  # one W&B run per lifelong run, also when a sweep runs several in one process

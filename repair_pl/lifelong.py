@@ -3,6 +3,7 @@ model, repeat over consecutive chunks of T, and report means over every chunk.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Any
 
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import Evaluation, evaluate_records
-from repair_pl.resume import RunCheckpoint, run_fingerprint
+from repair_pl.resume import RunCheckpoint, records_sha256, run_fingerprint
 
 SUMMARY_KEYS = ("rewrite_acc", "rephrase_acc", "locality")
 EXTRA_KEYS = ("ood_acc", "rewrite_ppl")  # shown when the data has them: Temporal's OOD rephrases, target perplexity
@@ -51,7 +52,8 @@ def _markdown(summary: dict) -> str:
 
 def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int | None = None,
                  dataset: str = "custom", logger=None, progress: bool = True,
-                 checkpoint_every: int | None = None, skipped: list | None = None) -> dict:
+                 checkpoint_every: int | None = None, skipped: list | None = None,
+                 pre_eval_cache: str | Path | None = None) -> dict:
     """Run the lifelong protocol with ``module`` (a :class:`~repair_pl.module.RepairModule`).
 
     Writes ``out_dir/results.json`` (one entry per case: ``case_id``, ``requested_rewrite``,
@@ -66,6 +68,9 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
     between-batch components (distribution-aware memory, error feedback) reorder and re-edit a
     whole edit batch, so with them the checkpoint waits for the first batch boundary after N
     edits. The finished run removes its checkpoint.
+
+    ``pre_eval_cache`` (a folder): reuse the unedited model's evaluation from there, or store it
+    there (:func:`pre_edit_evaluation`); a sweep shares one across its methods.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,8 +81,7 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
     checkpoint = RunCheckpoint(out / "checkpoint", run_fingerprint(module, records, T)) if checkpoint_every else None
     state = checkpoint.load(module) if checkpoint is not None else None
     if state is None:
-        pre = evaluate_records(module.logits_fn(edited=False), tok, records, batch_size=batch, max_length=max_length,
-                               device=device, progress=progress)
+        pre = pre_edit_evaluation(module, records, pre_eval_cache, progress)
         state = {"chunk": 0, "position": 0, "logged": 0, "edits": [], "results": [], "steps": 0, "seconds": 0.0,
                  "pre": asdict(pre)}
     else:
@@ -157,6 +161,35 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
         logger.log_metrics(metrics, step=n)
         logger.save()
     return summary
+
+
+def pre_edit_evaluation(module, records: list[EditRecord], cache: str | Path | None = None,
+                        progress: bool = False) -> Evaluation:
+    """The unedited model's evaluation of ``records`` (also the locality reference).
+
+    With ``cache`` (a folder) it is read from ``cache/pre_edit_<key>.json`` when there, else
+    computed and written there. The key covers what the scores depend on: the model's name,
+    dtype and placement, the evaluation settings and the records. Every method starts from the
+    same unedited model, so a sweep scores it once per dataset and T instead of once per run.
+    A model passed as an object has no name to key on, so it is always scored.
+    """
+    hp = module.hparams
+    path = None
+    if cache is not None and isinstance(hp.get("model"), str):
+        key = {"model": hp.model, "dtype": str(hp.dtype), "device": module.device.type, "device_map": repr(hp.device_map),
+               "max_length": hp.max_length, "eval_batch_size": hp.eval_batch_size,
+               "records_sha256": records_sha256(records)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        path = Path(cache) / f"pre_edit_{digest}.json"
+        if path.is_file():
+            print(f"pre-edit evaluation read from {path}", flush=True)
+            return Evaluation(**json.loads(path.read_text()))
+    pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, records, batch_size=hp.eval_batch_size,
+                           max_length=hp.max_length, device=module.device, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, asdict(pre))
+    return pre
 
 
 def edit_score(means: dict[str, float]) -> float:

@@ -35,13 +35,17 @@ FORMAT = 1
 PROGRESS = "progress.json"
 
 
-def run_fingerprint(module, records: list, T: int) -> dict:
-    """What must not change between a run and its resumption: hyperparameters, T, the records."""
+def records_sha256(records: list) -> str:
+    """A digest of everything in ``records`` that editing or scoring reads."""
     content = repr([(r.case_id, r.prompt, r.target, r.subject, r.rephrases, r.locality, r.routing_prompt,
                      r.ood_rephrases, r.statement, r.ground_truth) for r in records])
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def run_fingerprint(module, records: list, T: int) -> dict:
+    """What must not change between a run and its resumption: hyperparameters, T, the records."""
     hparams = json.loads(json.dumps(dict(module.hparams), default=repr, sort_keys=True))
-    return {"hparams": hparams, "T": T, "n_records": len(records),
-            "records_sha256": hashlib.sha256(content.encode()).hexdigest()}
+    return {"hparams": hparams, "T": T, "n_records": len(records), "records_sha256": records_sha256(records)}
 
 
 def _difference(saved: dict, current: dict) -> str | None:

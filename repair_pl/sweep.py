@@ -4,7 +4,8 @@ Each run is one ``EditCLI fit`` (what ``scripts/edit.py fit`` runs) into
 ``OUT/<dataset>/<method>_T<T>/`` with ``data.ds_size = T`` unless told otherwise. A run is
 finished when its ``summary.json`` exists (the lifelong runner writes it last, atomically): a
 rerun of the sweep skips finished runs and redoes the others (an interrupted run picks up its
-own checkpoint, ``checkpoint_every``). ``OUT/COMPARISON_SUMMARY.md`` is rewritten from every
+own checkpoint, ``checkpoint_every``). The unedited model is evaluated once per dataset and
+record set (``OUT/<dataset>/pre_edit/``), not once per method. ``OUT/COMPARISON_SUMMARY.md`` is rewritten from every
 finished run after each run; :func:`repair_pl.plots.plot_sweep` draws the plots.
 """
 
@@ -99,6 +100,8 @@ class Run:
         folder = str(self.folder(out))
         args = ["fit", "--config", str(self.config), *self.args, "--T", str(self.T),
                 "--data.ds_size", str(self.n_records), "--trainer.default_root_dir", folder]
+        if self.name != "eren":  # every weight-editing method starts from the same unedited model
+            args += ["--pre_eval_cache", str(Path(out) / self.dataset / "pre_edit")]
         if wandb is not None:
             args += ["--config", str(wandb["config"]), "--trainer.logger.init_args.save_dir", folder,
                      "--trainer.logger.init_args.group", wandb["group"],

@@ -465,3 +465,21 @@ def test_sigkill_and_resume_on_smollm2(tmp_path):
     logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300)
     assert "summary:" not in logs[0] and "resuming from" in logs[-1]
     assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_pre_edit_evaluation_is_cached_by_model_and_records(tmp_path, monkeypatch):
+    import repair_pl.lifelong as lifelong
+
+    calls = []
+    real = lifelong.evaluate_records
+    monkeypatch.setattr(lifelong, "evaluate_records", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    module = RepairModule("tiny-random", eval_batch_size=4)
+    fresh = lifelong.pre_edit_evaluation(module, RECORDS[:4], tmp_path)
+    again = lifelong.pre_edit_evaluation(module, RECORDS[:4], tmp_path)
+    assert calls == [4] and again == fresh  # read back exactly, not recomputed
+    lifelong.pre_edit_evaluation(module, RECORDS[:3], tmp_path)  # other records: another entry
+    lifelong.pre_edit_evaluation(RepairModule("tiny-random", eval_batch_size=2), RECORDS[:4], tmp_path)
+    assert calls == [4, 3, 4] and len(list(tmp_path.glob("pre_edit_*.json"))) == 3
+    # a model passed as an object has no name to key the cache on: always scored, never stored
+    lifelong.pre_edit_evaluation(RepairModule(tiny_llama(), char_tokenizer()), RECORDS[:4], tmp_path)
+    assert calls == [4, 3, 4, 4] and len(list(tmp_path.glob("pre_edit_*.json"))) == 3

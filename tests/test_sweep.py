@@ -110,6 +110,10 @@ def test_rerun_finishes_only_the_missing_run(tmp_path, capsys):
     wise, none = out / "demo" / "wise_T2" / "summary.json", out / "demo" / "none_T2" / "summary.json"
     assert json.loads(wise.read_text())["steps_per_edit"] == 2 and none.exists()
     assert "| wise | 2 | 2 |" in (out / "COMPARISON_SUMMARY.md").read_text()
+    # the unedited model is scored by the first run only; the second reads the same scores
+    assert first.count("pre-edit evaluation read from") == 1
+    assert len(list((out / "demo" / "pre_edit").glob("pre_edit_*.json"))) == 1
+    assert json.loads(wise.read_text())["pre"] == json.loads(none.read_text())["pre"]
 
     none.unlink()  # as if the sweep had been killed during this run (no summary.json)
     kept = wise.stat().st_mtime_ns
