@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compare editing methods across datasets and numbers of edits, one lifelong run each.
 
-    python scripts/compare.py --datasets zsre temporal --T 10 50 --methods repair wise ft_l grace --out runs/sweep_small
+    python scripts/compare.py --datasets zsre temporal --T 10 50 --methods repair wise ft_l grace --out runs/sweep_small --jobs 2
 
 Each dataset name maps to configs/<name>.yaml (or give a .yaml path); T values larger than a
 dataset are skipped with a note. Run i lands in OUT/<dataset>/<method>_T<T>/ (results.json,
@@ -11,7 +11,8 @@ Ablations are extra REPAIR runs with one component off (--ablations progressive 
 error_feedback distribution_aware heterogeneous). OUT/COMPARISON_SUMMARY.md tables every finished
 run; OUT/<dataset>_metrics_vs_T.png and OUT/locality_vs_T.png plot them (needs matplotlib).
 --wandb logs every run to W&B (configs/wandb.yaml; offline unless WANDB_MODE is set), one group
-per sweep. Arguments after `--` go to every run (e.g. `-- --model.max_steps 40`).
+per sweep. --jobs N runs N at a time, each in its own process with its share of the CPU threads
+(output in the run's folder, run.log). Arguments after `--` go to every run (e.g. `-- --model.max_steps 40`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
     parser.add_argument("--model", default=None, help="model.model for every run (e.g. tiny-random)")
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process with its share of the torch threads and its "
+                             "output in <run folder>/run.log (default: 1, in this process)")
     parser.add_argument("--wandb", action="store_true", help="log every run to W&B (configs/wandb.yaml)")
     parser.add_argument("--wandb_project", default=None, help="W&B project (default: configs/wandb.yaml's)")
     parser.add_argument("--wandb_group", default=None, help="W&B group (default: the name of --out)")
@@ -62,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.wandb:
             wandb = {"config": find_config("wandb"), "group": args.wandb_group or out.resolve().name,
                      "project": args.wandb_project}
+        if args.jobs < 1:
+            raise SweepError(f"--jobs must be at least 1, got {args.jobs}")
     except (SweepError, EditDataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}", flush=True)
     extra = (["--model.model", args.model] if args.model else []) + extra
-    failures = run_sweep(runs, out, extra, wandb=wandb, notes=notes)
+    failures = run_sweep(runs, out, extra, wandb=wandb, notes=notes, jobs=args.jobs)
     order = [run.name for run in runs]
     summary = write_comparison(out, [*notes, *failure_notes(out, failures)], order)
     plots = plot_sweep(collect(out, order), out)

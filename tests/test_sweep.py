@@ -127,6 +127,29 @@ def test_rerun_finishes_only_the_missing_run(tmp_path, capsys):
     assert table.index("| wise |") < table.index("| none |")  # rows in the order of --methods
 
 
+def test_jobs_run_side_by_side_in_processes_with_their_own_logs(tmp_path, capsys):
+    compare = load_compare()
+    out = tmp_path / "sweep"
+    argv = ["--datasets", "demo", "--T", "2", "3", "--methods", "wise", "--model", "tiny-random", "--out", str(out),
+            "--jobs", "2", *TINY]
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    for T in (2, 3):
+        folder = out / "demo" / f"wise_T{T}"
+        assert json.loads((folder / "summary.json").read_text())["steps_per_edit"] == 2
+        assert "post-edit:" in (folder / "run.log").read_text() and f"done {folder} in " in printed
+    assert "| wise | 2 | 2 |" in printed and "| wise | 3 | 3 |" in printed
+    # a run that fails says why from its own log, and the others are unaffected
+    bad = ["--datasets", "demo", "--T", "2", "4", "--methods", "wise", "--model", "tiny-random", "--out", str(out),
+           "--jobs", "2", "--", "--model.layer", "9"]
+    assert compare.main(bad) == 1
+    captured = capsys.readouterr()
+    assert f"skip {out / 'demo' / 'wise_T2'} (done)" in captured.out
+    assert "model.layer=9 is out of range" in captured.err and "wise_T4" in captured.err
+    assert compare.main(["--datasets", "demo", "--jobs", "0", "--out", str(out)]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
 def test_unknown_method_or_dataset_is_a_clear_error(tmp_path, capsys):
     compare = load_compare()
     assert compare.main(["--datasets", "demo", "--methods", "rome", "--out", str(tmp_path)]) == 2
