@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compare editing methods across datasets and numbers of edits, one lifelong run each.
 
-    python scripts/compare.py --datasets zsre temporal --T 10 50 --methods repair wise ft_l grace --out runs/sweep_small --jobs 2
+    python scripts/compare.py --datasets zsre temporal --T 10 50 --methods repair wise ft_l grace --out runs/sweep_small
 
 Each dataset name maps to configs/<name>.yaml (or give a .yaml path); T values larger than a
 dataset are skipped with a note. Run i lands in OUT/<dataset>/<method>_T<T>/ (results.json,
