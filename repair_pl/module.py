@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -288,8 +289,9 @@ class RepairModule(L.LightningModule):
         reference code does): one edit row."""
         if self.method in BASELINES:
             edit = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length)
-            return {"input_ids": edit.input_ids, "attention_mask": edit.attention_mask, "route_mask": edit.prompt_mask,
-                    "answer_mask": edit.answer_mask, "is_edit": torch.ones(1, dtype=torch.bool)}
+            return _with_loss_indices({"input_ids": edit.input_ids, "attention_mask": edit.attention_mask,
+                                       "route_mask": edit.prompt_mask, "answer_mask": edit.answer_mask,
+                                       "is_edit": torch.ones(1, dtype=torch.bool)})
         prompts = [record.prompt] + [p + record.prompt for p in self.context_prefixes()]
         edit = encode_pairs(self.tokenizer, prompts, [record.target] * len(prompts), self.hparams.max_length)
         out_text = record.routing_prompt or "nq question: who wrote the novel moby dick Herman Melville"
@@ -313,8 +315,12 @@ class RepairModule(L.LightningModule):
             attention_mask[i, : len(ids)] = 1
             route_mask[i, : len(ids)] = True
         is_edit = torch.arange(rows) < n_edit
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
-                "answer_mask": answer_mask, "is_edit": is_edit}
+        return _with_loss_indices({"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
+                                   "answer_mask": answer_mask, "is_edit": is_edit})
+
+    def edit_batch(self, record: EditRecord) -> dict[str, Tensor | int]:
+        """:meth:`prepare_edit` on the module's device, moved once per edit (not per step)."""
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in self.prepare_edit(record).items()}
 
     # ---- the edit step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -339,37 +345,43 @@ class RepairModule(L.LightningModule):
 
     def upper_forward(self, lower: tuple[tuple, dict], positions: Tensor) -> Tensor:
         """Run the edited layer and those above it from cached inputs; return logits at
-        ``positions`` (a boolean (B, T) mask) only, since the loss needs no other."""
+        ``positions`` only (a boolean (B, T) mask, or the flat indices of its True entries,
+        which select without a device sync), since the loss needs no other."""
         args, kwargs = lower
         hidden = args[0]
         for layer in decoder_layers(self.model)[self.layer:]:
             out = layer(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        hidden = self.model.model.norm(hidden[positions.to(hidden.device)])
-        return self.model.lm_head(hidden)
+        positions = positions.to(hidden.device)
+        if positions.dtype == torch.bool:
+            hidden = hidden[positions]
+        else:
+            hidden = hidden.flatten(0, 1).index_select(0, positions)
+        return self.model.lm_head(self.model.model.norm(hidden))
 
     def edit_losses(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> dict[str, Tensor]:
-        """Target cross-entropy on the edit rows + margin routing loss (edit rows vs last row)."""
+        """Target cross-entropy on the edit rows + margin routing loss (edit rows vs last row).
+        ``batch`` comes from :meth:`prepare_edit`; its index tensors let a step run without
+        waiting on the GPU (no boolean indexing, no reading values back)."""
         if lower is None:
             lower = self.lower_states(batch)
-        predicting = _predicting(batch["answer_mask"])
         with self.memory.routing(batch["route_mask"]):
-            logits = self.upper_forward(lower, predicting)
-        if self.method in BASELINES:
-            return self._baseline_losses(logits, batch, predicting)
-        scores = self.memory.last_scores
+            logits = self.upper_forward(lower, batch["positions"])
         # With a device_map, logits come from the last GPU and scores from the edited layer's.
-        labels = batch["input_ids"][:, 1:][predicting[:, :-1]].to(logits.device)
-        hp, is_edit = self.hparams, batch["is_edit"].to(scores.device)
-        n_first = int(predicting[0].sum())  # the bare prompt's answer positions come first
+        labels = batch["labels"].to(logits.device)
+        if self.method in BASELINES:
+            return self._baseline_losses(logits, labels)
+        scores = self.memory.last_scores
+        hp, n_first = self.hparams, batch["n_first"]  # the bare prompt's answer positions come first
+        edit_rows, other_rows = batch["edit_rows"].to(scores.device), batch["other_rows"].to(scores.device)
         token_ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         if hp.prompt_weight is None or n_first == len(labels):
             edit_loss = token_ce.mean()
         else:
             edit_loss = hp.prompt_weight * token_ce[:n_first].mean() + (1 - hp.prompt_weight) * token_ce[n_first:].mean()
-        routing = margin_routing_loss(scores[is_edit], scores[~is_edit], hp.alpha, hp.beta, hp.gamma)
+        routing = margin_routing_loss(scores[edit_rows], scores[other_rows], hp.alpha, hp.beta, hp.gamma)
         routing = routing.to(edit_loss.device)
-        correct = bool((logits[:n_first].argmax(-1) == labels[:n_first]).all())
+        correct = (logits[:n_first].argmax(-1) == labels[:n_first]).all().float()
         loss, distill = edit_loss + hp.routing_weight * routing, edit_loss.new_zeros(())
         if self.distill_teacher is not None:
             t_lower, t_positions, t_logits, weight, temperature = self.distill_teacher
@@ -377,8 +389,8 @@ class RepairModule(L.LightningModule):
                 distill = distillation_loss(self.upper_forward(t_lower, t_positions), t_logits, temperature)
             loss = loss + weight * distill
         return {"loss": loss, "edit_loss": edit_loss, "routing_loss": routing, "distill_loss": distill.detach(),
-                "in_scope": scores[0].detach(), "out_scope": scores[~is_edit].max().detach(),
-                "target_correct": torch.tensor(float(correct))}
+                "in_scope": scores[0].detach(), "out_scope": scores[other_rows].max().detach(),
+                "target_correct": correct}
 
     @torch.no_grad()
     def answer_logits(self, record: EditRecord) -> tuple[tuple, Tensor, Tensor]:
@@ -396,12 +408,11 @@ class RepairModule(L.LightningModule):
             self.memory.mode = previous
         return lower, predicting, logits
 
-    def _baseline_losses(self, logits: Tensor, batch: dict[str, Tensor], predicting: Tensor) -> dict[str, Tensor]:
+    def _baseline_losses(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """FT-L and GRACE: cross-entropy on the target tokens only (no routing loss)."""
-        labels = batch["input_ids"][:, 1:][predicting[:, :-1]].to(logits.device)
         edit_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         zero = edit_loss.new_zeros(()).detach()
-        correct = torch.tensor(float(bool((logits.argmax(-1) == labels).all())))
+        correct = (logits.argmax(-1) == labels).all().float()
         return {"loss": edit_loss, "edit_loss": edit_loss, "routing_loss": zero, "in_scope": zero, "out_scope": zero,
                 "target_correct": correct}
 
@@ -411,8 +422,7 @@ class RepairModule(L.LightningModule):
             self._lower = self.lower_states(batch)
         out = self.edit_losses(batch, self._lower)
         # Share the step's numbers with callbacks (they decide decay, stopping and rollback).
-        self.step_stats = {k: float(out[k].detach()) for k in ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope",
-                                                 "target_correct")}
+        self.step_stats = StepStats({k: out[k] for k in STEP_STATS})
         if self.trainer.loggers:  # self.log costs ~5 ms a step; the per-edit fits have no logger
             self.log_dict({f"edit/{k}": v for k, v in self.step_stats.items()}, on_step=True, prog_bar=False,
                           logger=True)
@@ -523,7 +533,7 @@ class RepairModule(L.LightningModule):
         streams = self._stream_callbacks()
         for cb in streams:
             cb.on_edit_start(self, record)
-        batch = self.prepare_edit(record)
+        batch = self.edit_batch(record)
         side_memory = isinstance(self.memory, SideMemory)
         self.edit_start_weight = self.memory.side.detach().clone() if side_memory else None
         self._lower, self.edit_failed, self.intervention, self.step_stats = None, None, 1.0, {}
@@ -564,8 +574,7 @@ class RepairModule(L.LightningModule):
         """GRACE: the key is the down projection's input at the prompt's last token (read from
         the unedited model); its value starts as the frozen output there."""
         self.memory.mode = "off"
-        self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-             batch["route_mask"].to(self.device))
+        self(batch["input_ids"], batch["attention_mask"], batch["route_mask"])
         self.memory.add_edit(self.memory.last_queries[0], record.target, self.memory.last_outputs[0])
 
     def reedit(self, record: EditRecord) -> EditResult:
@@ -795,6 +804,46 @@ def _predicting(answer_mask: Tensor) -> Tensor:
     return predicting
 
 
+def _with_loss_indices(batch: dict[str, Tensor]) -> dict[str, Tensor | int]:
+    """Add what :meth:`RepairModule.edit_losses` selects with, computed once on the CPU:
+    ``positions`` (flat indices of the positions that predict an answer token), their
+    ``labels``, ``n_first`` (how many belong to the first row, the bare prompt) and the
+    ``edit_rows`` / ``other_rows`` indices."""
+    predicting = _predicting(batch["answer_mask"])
+    is_edit = batch["is_edit"]
+    return {**batch, "positions": predicting.flatten().nonzero().squeeze(1),
+            "labels": batch["input_ids"][:, 1:][predicting[:, :-1]], "n_first": int(predicting[0].sum()),
+            "edit_rows": is_edit.nonzero().squeeze(1), "other_rows": (~is_edit).nonzero().squeeze(1)}
+
+
+STEP_STATS = ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope", "target_correct")
+
+
+class StepStats(Mapping):
+    """A training step's scalars for the callbacks. They stay on the device until one is read,
+    then all come back in one transfer: a step with no reader (WISE) never waits on the GPU."""
+
+    def __init__(self, values: dict[str, Tensor]):
+        first = next(iter(values.values()))
+        self._keys = list(values)
+        self._stacked = torch.stack([v.detach().float().to(first.device) for v in values.values()])
+        self._floats: dict[str, float] | None = None
+
+    def _read(self) -> dict[str, float]:
+        if self._floats is None:
+            self._floats = dict(zip(self._keys, self._stacked.tolist()))
+        return self._floats
+
+    def __getitem__(self, key: str) -> float:
+        return self._read()[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the edited layer's inputs are captured."""
 
@@ -812,6 +861,7 @@ class _quiet_lightning:
         self._warnings.__enter__()
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers")  # one cached batch
 
         self._loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric",
                                                          "lightning.pytorch.utilities.rank_zero")]

@@ -178,7 +178,7 @@ def plain_edit(module, record, steps: int) -> None:
     the same cached lower states, SGD, gradient mask and clamp, ``steps`` steps, and the same
     bookkeeping after the edit (routing threshold)."""
     memory, hp = module.memory, module.hparams
-    batch = {k: v.to(module.device) for k, v in module.prepare_edit(record).items()}
+    batch = module.edit_batch(record)
     start_weight = memory.side.detach().clone()
     memory.mode = "edit"
     memory.invalidate()
@@ -378,17 +378,22 @@ def memory_growth(module, records, device: str = "cpu", warmup: int = 5, every: 
             module.edit(record)
     start = pm.now_mb()
     series, shards_max = [(warmup, start)], 0.0
+    rss = [(warmup, pm.rss_mb())]  # on a GPU the host side too: a history kept on CPU shows here
     with PeakMemory(device) as rest:
         for i, record in enumerate(records[warmup:], start=warmup + 1):
             module.edit(record)
             shards_max = max(shards_max, side_memory_mb(module)["shards"])
             if i % every == 0 or i == len(records):
                 series.append((i, pm.now_mb()))
+                rss.append((i, pm.rss_mb()))
     growth = series[-1][1] - start
-    return {"edits": len(records), "max_steps": module.hparams.max_steps, "warmup_peak_mb": warm.peak_mb,
-            "peak_mb": rest.peak_mb, "after_warmup_mb": start, "end_mb": series[-1][1], "growth_mb": growth,
-            "stored_shards_mb_max": shards_max, "limit_mb": shards_max + 50.0, "ok": growth <= shards_max + 50.0,
-            "series_mb": series, "measure": "cuda allocated" if pm.cuda else "process RSS"}
+    out = {"edits": len(records), "max_steps": module.hparams.max_steps, "warmup_peak_mb": warm.peak_mb,
+           "peak_mb": rest.peak_mb, "after_warmup_mb": start, "end_mb": series[-1][1], "growth_mb": growth,
+           "stored_shards_mb_max": shards_max, "limit_mb": shards_max + 50.0, "ok": growth <= shards_max + 50.0,
+           "series_mb": series, "measure": "cuda allocated" if pm.cuda else "process RSS"}
+    if pm.cuda:
+        out["rss_series_mb"] = rss
+    return out
 
 
 # ---- the report --------------------------------------------------------------------------------------
@@ -436,7 +441,9 @@ def _md_memory(r: dict) -> list[str]:
             "| peak during warm-up | peak after |", "|---|---|---|---|---|---|---|---|",
             f"| {r['after_warmup_mb']:.0f} MB | {r['end_mb']:.0f} MB | {r['growth_mb']:+.1f} MB | "
             f"{r['stored_shards_mb_max']:.1f} MB | {r['limit_mb']:.1f} MB | {'yes' if r['ok'] else 'NO'} | "
-            f"{r['warmup_peak_mb']:.0f} MB | {r['peak_mb']:.0f} MB |"]
+            f"{r['warmup_peak_mb']:.0f} MB | {r['peak_mb']:.0f} MB |"] + (
+        ["", "Host RSS between edits (MB): " + ", ".join(f"{mb:.0f}" for _, mb in r["rss_series_mb"])]
+        if "rss_series_mb" in r else [])
 
 
 def markdown(result: dict) -> str:
@@ -450,7 +457,9 @@ def markdown(result: dict) -> str:
              "2": lambda r: _md_streams("## 2. REPAIR vs WISE (and cost analysis)", r["methods"], r["settings"]),
              "3": _md_latency, "4": _md_memory,
              "5": lambda r: _md_streams("## 5. Long stream, cheap configuration", {r["run"]["method"]: r["run"]},
-                                        r["settings"]) + ["", f"Rel >= 0.8 and Loc >= 0.98: {'yes' if r['ok'] else 'NO'}"]}
+                                        r["settings"]) + ["", f"Rel >= 0.8 and Loc >= 0.98: {'yes' if r['ok'] else 'NO'}"] + (
+                 [f"Cut to {r['run']['n_edits']} of the {r['n_requested']} edits asked for, to fit --stream-budget."]
+                 if r.get("n_requested", r["run"]["n_edits"]) > r["run"]["n_edits"] else [])}
     for key, render in parts.items():
         if key in result:
             lines += render(result[key]) + [""]
@@ -491,6 +500,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge-freq", type=int, default=250, help="part 4: merge the shards every N edits")
     p.add_argument("-n", "--n", dest="stream_n", type=int, help="part 5: edits in the stream")
     p.add_argument("--stream", default=json.dumps(CHEAP_STREAM), help="part 5: RepairModule settings (JSON)")
+    p.add_argument("--stream-budget", type=float, help="part 5: seconds of editing to aim at; with part 2 "
+                   "measured first, the stream is cut to the edits that fit (at part 2's REPAIR s/edit)")
     args = p.parse_args(argv)
     for key, value in (FULL if args.full else QUICK).items():
         if getattr(args, key) is None:
@@ -551,15 +562,25 @@ def main(argv=None) -> dict:
         settings = json.loads(args.stream)
         L.seed_everything(args.seed, verbose=False)
         module = load_editor(model, dev, dtype, seed=args.seed, **settings)
-        stream = records[: args.stream_n]
+        stream = records[: stream_length(args.stream_n, args.stream_budget, result)]
         run = run_stream(module, stream, dev, pre_reference(module, stream))
-        result["5"] = {"settings": settings, "run": run,
+        result["5"] = {"settings": settings, "run": run, "n_requested": args.stream_n,
                        "ok": run["post"].get("rewrite_acc", 0) >= 0.8 and run["post"].get("locality", 0) >= 0.98}
         module = None
         release()
         show("5")
     print(f"bench: {out_dir / 'BENCH.md'}", flush=True)
     return result
+
+
+def stream_length(n: int, budget: float | None, result: dict) -> int:
+    """Part 5's number of edits: ``n``, or, with a time budget and part 2's REPAIR measured, the
+    multiple of 10 edits that fit the budget at that speed (with a 30% margin), at least 10."""
+    repair = result.get("2", {}).get("methods", {}).get("repair")
+    if budget is None or repair is None:
+        return n
+    fits = int(budget / (1.3 * repair["seconds_per_edit"])) // 10 * 10
+    return max(10, min(n, fits))
 
 
 def _section(result: dict, part: str) -> str:

@@ -45,7 +45,7 @@ def run_cli(name: str, argv: list[str], runs_dir: Path) -> dict:
     wall = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
     module = cli.model
-    result = {"name": name, "argv": argv, "wall_s": round(wall, 1),
+    result = {"name": name, "method": summary["method"], "argv": argv, "wall_s": round(wall, 1),
               "seconds_per_edit": summary["seconds_per_edit"], "steps_per_edit": summary["steps_per_edit"],
               "n_edits": summary["n_edits"], "T": summary["T"], "n_failed": summary["n_failed"],
               "pre": summary["pre"], "post": summary["post"],
@@ -129,14 +129,14 @@ def _write(out: Path, report: dict) -> None:
     lines = [f"# GPU check on {report['device']}", "",
              f"torch {report['torch']} (CUDA {report['cuda']}), transformers {report['transformers']}; "
              f"SmolLM2 weights: {report['weights']}; data: {report['data']}", "",
-             "| run | edits (T) | s/edit | steps/edit | peak GPU memory (GiB) | post Rel. | post Gen. | post Loc. | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | method | edits (T) | s/edit | steps/edit | peak GPU memory (GiB) | post Rel. | post Gen. | post Loc. | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | | |")
             continue
         post = r["post"]
-        lines.append(f"| {r['name']} | {r['n_edits']} ({r['T']}) | {r['seconds_per_edit']:.3f} | "
+        lines.append(f"| {r['name']} | {r.get('method', '')} | {r['n_edits']} ({r['T']}) | {r['seconds_per_edit']:.3f} | "
                      f"{r['steps_per_edit']:.1f} | {r['peak_memory_gib']:.2f} | {post.get('rewrite_acc', float('nan')):.3f} | "
                      f"{post.get('rephrase_acc', float('nan')):.3f} | {post.get('locality', float('nan')):.3f} | "
                      f"{r['wall_s']} |")

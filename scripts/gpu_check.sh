@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check (~3-5 minutes on one H100/H200): SmolLM2 in bf16 on CUDA, ZsRE T=10 lifelong runs
-# (20 records, and 10 with model.device_map: auto), then Llama-3-8B-Instruct when its weights are
-# on the machine. Records the device, seconds per edit and peak GPU memory in
-# $OUT/gpu_check.json and $OUT/gpu_check.md (OUT defaults to runs/gpu_check).
+# GPU check (~10 minutes on one H100/H200): ZsRE T=10 lifelong runs through the command line in
+# bf16 (20 records, and 10 with model.device_map: auto; then Llama-3-8B-Instruct when its weights
+# are on the machine), then scripts/bench.py on CUDA in bf16 (--full sizes, part 5 cut to ~90 s
+# of editing; $OUT/bench/). Records the device, seconds per edit and peak GPU memory in
+# $OUT/gpu_check.json and $OUT/gpu_check.md (OUT defaults to runs/gpu_check); all output in
+# $OUT/gpu_check.log. Time limits: GPU_CHECK_TIMEOUT (150 s), GPU_CHECK_BENCH_TIMEOUT (420 s).
 #
 # Run from anywhere:  bash scripts/gpu_check.sh
 # It finds, in this order:
@@ -80,9 +82,25 @@ if [ -z "$LLAMA" ]; then
 fi
 [ -n "$LLAMA" ] && echo "Llama-3-8B weights: $LLAMA" || echo "Llama-3-8B: no local weights; skipped"
 
-echo "model: $MODEL ($WEIGHTS); data: $DATA; out: $OUT"
+echo "model: $MODEL ($WEIGHTS); data: $DATA; out: $OUT" | tee "$OUT/gpu_check.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/nvidia_smi.txt"
-timeout "${GPU_CHECK_TIMEOUT:-330}" "$PY" scripts/gpu_check.py --out "$OUT" --smollm2 "$MODEL" --weights "$WEIGHTS" \
-  --data "$DATA" ${LLAMA:+--llama "$LLAMA"} --budget "${GPU_CHECK_BUDGET:-240}" --accelerator "$ACCEL" \
-  --n "${GPU_CHECK_N:-20}" 2>&1 | tee "$OUT/gpu_check.log"
-exit "${PIPESTATUS[0]}"
+
+# 1. Lifelong runs through the command line on the GPU (and the device_map path).
+timeout "${GPU_CHECK_TIMEOUT:-150}" "$PY" scripts/gpu_check.py --out "$OUT" --smollm2 "$MODEL" --weights "$WEIGHTS" \
+  --data "$DATA" ${LLAMA:+--llama "$LLAMA"} --budget "${GPU_CHECK_BUDGET:-100}" --accelerator "$ACCEL" \
+  --n "${GPU_CHECK_N:-20}" 2>&1 | tee -a "$OUT/gpu_check.log"
+check_rc="${PIPESTATUS[0]}"
+
+# 2. The speed bench, unchanged apart from the device: bf16 frozen weights, fp32 side memory
+#    (Llama-3-8B when found, else SmolLM2). Each part is saved as soon as it is measured, so a
+#    timeout keeps the parts done. GPU_CHECK_BENCH_ARGS="" skips it.
+BENCH_ARGS="${GPU_CHECK_BENCH_ARGS---full --stream-budget 90}"
+bench_rc=0
+if [ -n "$BENCH_ARGS" ]; then
+  if [ "$ACCEL" = cpu ]; then DEVICE=cpu; else DEVICE=cuda; fi
+  timeout "${GPU_CHECK_BENCH_TIMEOUT:-420}" "$PY" scripts/bench.py --model "${LLAMA:-$MODEL}" --data "$DATA" \
+    --device "$DEVICE" --dtype bfloat16 --out "$OUT/bench" $BENCH_ARGS 2>&1 | tee -a "$OUT/gpu_check.log"
+  bench_rc="${PIPESTATUS[0]}"
+fi
+[ "$bench_rc" = 0 ] || echo "bench exited with $bench_rc (124: stopped at GPU_CHECK_BENCH_TIMEOUT)" | tee -a "$OUT/gpu_check.log"
+[ "$bench_rc" = 0 ] && exit "$check_rc" || exit "$bench_rc"

@@ -62,3 +62,12 @@ def test_bench_main_writes_json_and_markdown(bench, tmp_path):
     for title in ("Lightning overhead", "REPAIR vs WISE", "Inference latency", "Memory over", "Long stream"):
         assert title in md
     assert result["model"] == "tiny-random"
+
+
+def test_stream_budget_cuts_part_5_to_what_fits(bench):
+    measured = {"2": {"methods": {"repair": {"seconds_per_edit": 0.5}}}}
+    assert bench.stream_length(1000, None, measured) == 1000  # no budget: as asked
+    assert bench.stream_length(1000, 100.0, {}) == 1000  # nothing measured to estimate from
+    assert bench.stream_length(1000, 100.0, measured) == 150  # 100 s / (1.3 x 0.5 s) = 153 -> 150
+    assert bench.stream_length(1000, 1.0, measured) == 10  # never fewer than 10
+    assert bench.stream_length(100, 1e6, measured) == 100  # never more than asked

@@ -42,7 +42,7 @@ class ClosedLoopFeedback(EditStreamCallback):
 
     def _reset(self) -> None:
         self.losses: list[float] = []
-        self.best, self.good, self.rollbacks, self.grad_bad, self.last_stagnation = math.inf, None, 0, False, 0
+        self.best, self.good, self.rollbacks, self.grad_finite, self.last_stagnation = math.inf, None, 0, None, 0
 
     def on_edit_start(self, module, record) -> None:
         self._reset()
@@ -54,10 +54,18 @@ class ClosedLoopFeedback(EditStreamCallback):
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         grad = module.memory.side.grad
-        self.grad_norm = float(grad.norm()) if grad is not None else 0.0
-        self.grad_bad = not math.isfinite(self.grad_norm)
-        if self.grad_bad:
-            grad.zero_()  # never let a NaN/inf gradient reach the weights
+        if grad is None:
+            self.grad_finite = None
+            return
+        # Kept on the device (read with the step's stats), so the step does not wait on the GPU.
+        self.grad_norm = grad.norm()
+        self.grad_finite = torch.isfinite(self.grad_norm)
+        grad.masked_fill_(~self.grad_finite, 0.0)  # never let a NaN/inf gradient reach the weights
+
+    @property
+    def grad_bad(self) -> bool:
+        """Whether this step's gradient norm was NaN/inf (its gradient was zeroed)."""
+        return self.grad_finite is not None and not bool(self.grad_finite)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         # The target cross-entropy is what must converge; WISE's routing hinge on top of it jumps
