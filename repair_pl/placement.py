@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -40,9 +41,21 @@ class PlacedStrategy(SingleDeviceStrategy):
         self.checkpoint_io.teardown()
 
 
-def accelerator_for(device: torch.device) -> str:
-    """Lightning's accelerator name for a torch device."""
-    return {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
+class PlacedCUDAAccelerator(CUDAAccelerator):
+    """Lightning's CUDA accelerator without its per-fit setup, which empties the CUDA cache and
+    the cuBLAS workspaces at the start of every fit: with one short fit per edit, every edit
+    would allocate them again (synchronising ``cudaMalloc`` calls). The device is set once,
+    where the model was placed."""
+
+    def setup(self, trainer) -> None:
+        pass
+
+
+def accelerator_for(device: torch.device) -> str | Accelerator:
+    """Lightning's accelerator for a torch device (for CUDA, :class:`PlacedCUDAAccelerator`)."""
+    if device.type == "cuda":
+        return PlacedCUDAAccelerator()
+    return {"mps": "mps"}.get(device.type, "cpu")
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

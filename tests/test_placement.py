@@ -78,3 +78,23 @@ def test_sharded_config_builds_on_the_tiny_model_and_matches_one_device(tmp_path
               "--trainer.default_root_dir", str(out)])
         summaries.append(json.loads((out / "summary.json").read_text()))
     assert summaries[0]["post"] == summaries[1]["post"] and summaries[0]["steps_per_edit"] == 3
+
+
+def test_per_edit_fits_keep_the_cuda_cache(monkeypatch):
+    """Lightning's CUDA accelerator empties the CUDA cache and cuBLAS workspaces at every fit
+    start; the accelerator of the per-edit fits must not (runs without a GPU: the calls are
+    recorded, not made)."""
+    import lightning.pytorch.accelerators.cuda as lightning_cuda
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    from repair_pl.placement import accelerator_for
+
+    cleared, trainer = [], type("Trainer", (), {"local_rank": 0})()
+    monkeypatch.setattr(lightning_cuda, "_clear_cuda_memory", lambda: cleared.append(True))
+    CUDAAccelerator().setup(trainer)
+    assert cleared == [True]  # what the plain accelerator does at each fit
+    accelerator = accelerator_for(torch.device("cuda", 0))
+    assert isinstance(accelerator, CUDAAccelerator)
+    accelerator.setup(trainer)
+    assert cleared == [True]
+    assert accelerator_for(torch.device("cpu")) == "cpu"
