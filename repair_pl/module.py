@@ -282,11 +282,18 @@ class RepairModule(L.LightningModule):
             self.prefixes = prefixes
         return self.prefixes
 
-    def prepare_edit(self, record: EditRecord) -> dict[str, Tensor]:
+    def prepare_edit(self, record: EditRecord, device: torch.device | None = None) -> dict[str, Tensor | int]:
         """Tensors of one edit: the prompt (bare and behind each prefix) + target as edit rows,
         then the out-of-scope rows: the record's routing prompt and up to ``n_negatives``
         routing prompts of earlier edits. The baselines train on the bare prompt alone (as their
-        reference code does): one edit row."""
+        reference code does): one edit row. With ``device``, the tensors are moved there (once
+        per edit, not per step)."""
+        batch = self._edit_tensors(record)
+        if device is None:
+            return batch
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _edit_tensors(self, record: EditRecord) -> dict[str, Tensor | int]:
         if self.method in BASELINES:
             edit = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length)
             return _with_loss_indices({"input_ids": edit.input_ids, "attention_mask": edit.attention_mask,
@@ -318,9 +325,7 @@ class RepairModule(L.LightningModule):
         return _with_loss_indices({"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
                                    "answer_mask": answer_mask, "is_edit": is_edit})
 
-    def edit_batch(self, record: EditRecord) -> dict[str, Tensor | int]:
-        """:meth:`prepare_edit` on the module's device, moved once per edit (not per step)."""
-        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in self.prepare_edit(record).items()}
+
 
     # ---- the edit step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -533,7 +538,7 @@ class RepairModule(L.LightningModule):
         streams = self._stream_callbacks()
         for cb in streams:
             cb.on_edit_start(self, record)
-        batch = self.edit_batch(record)
+        batch = self.prepare_edit(record, self.device)
         side_memory = isinstance(self.memory, SideMemory)
         self.edit_start_weight = self.memory.side.detach().clone() if side_memory else None
         self._lower, self.edit_failed, self.intervention, self.step_stats = None, None, 1.0, {}
