@@ -325,8 +325,6 @@ class RepairModule(L.LightningModule):
         return _with_loss_indices({"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
                                    "answer_mask": answer_mask, "is_edit": is_edit})
 
-
-
     # ---- the edit step ------------------------------------------------------------------------
     @torch.no_grad()
     def lower_states(self, batch: dict[str, Tensor]) -> tuple[tuple, dict]:

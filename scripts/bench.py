@@ -388,6 +388,7 @@ def memory_growth(module, records, device: str = "cpu", warmup: int = 5, every: 
     with PeakMemory(device) as warm:
         for record in records[:warmup]:
             module.edit(record)
+
     def sample(i: int) -> None:
         series.append((i, pm.now_mb()))
         rss.append((i, pm.rss_mb()))
