@@ -348,18 +348,14 @@ class RepairModule(L.LightningModule):
 
     def upper_forward(self, lower: tuple[tuple, dict], positions: Tensor) -> Tensor:
         """Run the edited layer and those above it from cached inputs; return logits at
-        ``positions`` only (a boolean (B, T) mask, or the flat indices of its True entries,
-        which select without a device sync), since the loss needs no other."""
+        ``positions`` only (flat indices into the (B, T) positions, see :func:`_flat_indices`),
+        since the loss needs no other."""
         args, kwargs = lower
         hidden = args[0]
         for layer in decoder_layers(self.model)[self.layer:]:
             out = layer(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        positions = positions.to(hidden.device)
-        if positions.dtype == torch.bool:
-            hidden = hidden[positions]
-        else:
-            hidden = hidden.flatten(0, 1).index_select(0, positions)
+        hidden = hidden.flatten(0, 1).index_select(0, positions.to(hidden.device))
         return self.model.lm_head(self.model.model.norm(hidden))
 
     def edit_losses(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> dict[str, Tensor]:
@@ -399,17 +395,18 @@ class RepairModule(L.LightningModule):
     def answer_logits(self, record: EditRecord) -> tuple[tuple, Tensor, Tensor]:
         """``(lower states, answer positions, logits there)`` of ``prompt + target`` through the
         side memory as it trains (mode "edit"): the teacher of in-batch distillation."""
-        enc = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length).to(self.device)
-        predicting = _predicting(enc.answer_mask)
+        enc = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length)
+        positions = _flat_indices(_predicting(enc.answer_mask))  # on the CPU, once per record
+        enc = enc.to(self.device)
         lower = self.lower_states({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
         previous = self.memory.mode
         self.memory.mode = "edit"
         try:
             with self.memory.routing(None):
-                logits = self.upper_forward(lower, predicting)
+                logits = self.upper_forward(lower, positions)
         finally:
             self.memory.mode = previous
-        return lower, predicting, logits
+        return lower, positions, logits
 
     def _baseline_losses(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """FT-L and GRACE: cross-entropy on the target tokens only (no routing loss)."""
@@ -807,6 +804,12 @@ def _predicting(answer_mask: Tensor) -> Tensor:
     return predicting
 
 
+def _flat_indices(mask: Tensor) -> Tensor:
+    """Indices of the True entries of ``mask`` flattened (row-major): selecting with them gives
+    what ``x[mask]`` gives, without the device sync of boolean indexing."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
 def _with_loss_indices(batch: dict[str, Tensor]) -> dict[str, Tensor | int]:
     """Add what :meth:`RepairModule.edit_losses` selects with, computed once on the CPU:
     ``positions`` (flat indices of the positions that predict an answer token), their
@@ -814,9 +817,9 @@ def _with_loss_indices(batch: dict[str, Tensor]) -> dict[str, Tensor | int]:
     ``edit_rows`` / ``other_rows`` indices."""
     predicting = _predicting(batch["answer_mask"])
     is_edit = batch["is_edit"]
-    return {**batch, "positions": predicting.flatten().nonzero().squeeze(1),
+    return {**batch, "positions": _flat_indices(predicting),
             "labels": batch["input_ids"][:, 1:][predicting[:, :-1]], "n_first": int(predicting[0].sum()),
-            "edit_rows": is_edit.nonzero().squeeze(1), "other_rows": (~is_edit).nonzero().squeeze(1)}
+            "edit_rows": _flat_indices(is_edit), "other_rows": _flat_indices(~is_edit)}
 
 
 STEP_STATS = ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope", "target_correct")

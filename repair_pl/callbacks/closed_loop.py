@@ -58,8 +58,7 @@ class ClosedLoopFeedback(EditStreamCallback):
             self.grad_finite = None
             return
         # Kept on the device (read with the step's stats), so the step does not wait on the GPU.
-        self.grad_norm = grad.norm()
-        self.grad_finite = torch.isfinite(self.grad_norm)
+        self.grad_finite = torch.isfinite(grad.norm())
         grad.masked_fill_(~self.grad_finite, 0.0)  # never let a NaN/inf gradient reach the weights
 
     @property
