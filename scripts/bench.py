@@ -389,12 +389,13 @@ def memory_growth(module, records, device: str = "cpu", warmup: int = 5, every: 
         for record in records[:warmup]:
             module.edit(record)
 
+    # Judged: CUDA allocated memory on a GPU; on a CPU the RSS after malloc_trim (memory in use).
+    # The raw RSS is kept beside it.
     def sample(i: int) -> None:
-        series.append((i, pm.now_mb()))
         rss.append((i, pm.rss_mb()))
-        trimmed.append((i, pm.trimmed_rss_mb()))
+        judged.append((i, pm.now_mb() if pm.cuda else pm.trimmed_rss_mb()))
 
-    series, rss, trimmed, shards_max = [], [], [], 0.0
+    rss, judged, shards_max = [], [], 0.0
     sample(warmup)
     with PeakMemory(device) as rest:
         for i, record in enumerate(records[warmup:], start=warmup + 1):
@@ -402,16 +403,15 @@ def memory_growth(module, records, device: str = "cpu", warmup: int = 5, every: 
             shards_max = max(shards_max, side_memory_mb(module)["shards"])
             if i % every == 0 or i == len(records):
                 sample(i)
-    # On a CPU the growth is judged on the trimmed RSS (memory in use); the raw RSS is reported
-    # beside it. On a GPU, on CUDA allocated memory, with the host RSS beside it.
-    judged = series if pm.cuda or trimmed[0][1] is None else trimmed
+    trimmed = not pm.cuda and judged[0][1] is not None
+    if not pm.cuda and not trimmed:  # no glibc: the raw RSS is all there is
+        judged = rss
     growth = judged[-1][1] - judged[0][1]
     return {"edits": len(records), "max_steps": module.hparams.max_steps, "warmup_peak_mb": warm.peak_mb,
             "peak_mb": rest.peak_mb, "after_warmup_mb": judged[0][1], "end_mb": judged[-1][1], "growth_mb": growth,
             "stored_shards_mb_max": shards_max, "limit_mb": shards_max + 50.0, "ok": growth <= shards_max + 50.0,
             "series_mb": judged, "rss_series_mb": rss, "raw_rss_growth_mb": rss[-1][1] - rss[0][1],
-            "measure": "cuda allocated" if pm.cuda else ("process RSS after malloc_trim" if judged is trimmed
-                                                          else "process RSS")}
+            "measure": "cuda allocated" if pm.cuda else ("process RSS after malloc_trim" if trimmed else "process RSS")}
 
 
 # ---- the report --------------------------------------------------------------------------------------
