@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from repair_pl.checkpoint import exclusive_lock, write_json_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import Evaluation, evaluate_records
 from repair_pl.resume import RunCheckpoint, records_sha256, run_fingerprint
@@ -31,13 +31,8 @@ def case_means(cases: list[dict]) -> dict[str, float]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically, readable (indented): a crash never leaves half a file."""
+    write_json_atomic(path, obj, indent=1)
 
 
 def _markdown(summary: dict) -> str:
@@ -174,22 +169,27 @@ def pre_edit_evaluation(module, records: list[EditRecord], cache: str | Path | N
     A model passed as an object has no name to key on, so it is always scored.
     """
     hp = module.hparams
-    path = None
-    if cache is not None and isinstance(hp.get("model"), str):
-        key = {"model": hp.model, "dtype": str(hp.dtype), "device": module.device.type, "device_map": repr(hp.device_map),
-               "max_length": hp.max_length, "eval_batch_size": hp.eval_batch_size,
-               "records_sha256": records_sha256(records)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        path = Path(cache) / f"pre_edit_{digest}.json"
+    if cache is None or not isinstance(hp.get("model"), str):
+        return _evaluate_unedited(module, records, progress)
+    key = {"model": hp.model, "dtype": str(hp.dtype), "device": module.device.type, "device_map": repr(hp.device_map),
+           "max_length": hp.max_length, "eval_batch_size": hp.eval_batch_size,
+           "records_sha256": records_sha256(records)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache) / f"pre_edit_{digest}.json"
+    # Runs of a sweep side by side (--jobs) wait for the first to score it instead of each scoring it.
+    with exclusive_lock(path.with_suffix(".lock")):
         if path.is_file():
             print(f"pre-edit evaluation read from {path}", flush=True)
             return Evaluation(**json.loads(path.read_text()))
-    pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, records, batch_size=hp.eval_batch_size,
-                           max_length=hp.max_length, device=module.device, progress=progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        pre = _evaluate_unedited(module, records, progress)
         _write_json(path, asdict(pre))
     return pre
+
+
+def _evaluate_unedited(module, records: list[EditRecord], progress: bool) -> Evaluation:
+    hp = module.hparams
+    return evaluate_records(module.logits_fn(edited=False), module.tokenizer, records, batch_size=hp.eval_batch_size,
+                            max_length=hp.max_length, device=module.device, progress=progress)
 
 
 def edit_score(means: dict[str, float]) -> float:

@@ -155,8 +155,9 @@ def run_sweep(runs: Sequence[Run], out: Path, extra: Sequence[str] = (), wandb: 
     """Run every unfinished run in order; returns the runs that failed (and why). A failed run
     does not stop the sweep; rerunning the sweep retries it.
 
-    ``jobs=1`` runs in this process. ``jobs=N`` runs N at a time, each in a process of its own
-    with ``torch threads // N`` threads and its output in ``<run folder>/run.log``: for machines
+    ``jobs=1`` runs in this process, in order. ``jobs=N`` runs N at a time, largest T first,
+    each in a process of its own with ``torch threads // N`` threads and its output in
+    ``<run folder>/run.log``: for machines
     whose cores one run cannot keep busy (on 2 cores it gained ~1.2x: two one-thread runs side
     by side each ran ~1.7x slower than one two-thread run alone). Thread counts change float
     summation order, so numbers may differ in the last digits from a one-job sweep."""
@@ -191,6 +192,9 @@ def run_sweep(runs: Sequence[Run], out: Path, extra: Sequence[str] = (), wandb: 
         for i, run in todo:
             one(i, run)
     else:
+        # Longest first (by T, a run's cost grows with it), so that the last runs, which leave
+        # cores idle beside them, are short ones.
+        todo.sort(key=lambda item: -item[1].T)
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for future in [pool.submit(one, i, run) for i, run in todo]:
                 future.result()

@@ -483,3 +483,34 @@ def test_pre_edit_evaluation_is_cached_by_model_and_records(tmp_path, monkeypatc
     # a model passed as an object has no name to key the cache on: always scored, never stored
     lifelong.pre_edit_evaluation(RepairModule(tiny_llama(), char_tokenizer()), RECORDS[:4], tmp_path)
     assert calls == [4, 3, 4, 4] and len(list(tmp_path.glob("pre_edit_*.json"))) == 3
+
+
+def test_side_by_side_runs_score_the_unedited_model_once(tmp_path, monkeypatch):
+    """Two runs of a sweep (--jobs 2) asking for the same pre-edit scores at once: the second
+    waits on the cache's lock and reads the first's result instead of scoring it again."""
+    import threading
+    import time
+
+    import repair_pl.lifelong as lifelong
+
+    calls = []
+    real = lifelong.evaluate_records
+
+    def slow(*a, **k):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other thread to arrive while this one scores
+        return real(*a, **k)
+
+    monkeypatch.setattr(lifelong, "evaluate_records", slow)
+    modules = [RepairModule("tiny-random", eval_batch_size=4) for _ in range(2)]
+    results = [None, None]
+
+    def score(i):
+        results[i] = lifelong.pre_edit_evaluation(modules[i], RECORDS[:4], tmp_path)
+
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results[0] == results[1]

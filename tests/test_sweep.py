@@ -150,6 +150,28 @@ def test_jobs_run_side_by_side_in_processes_with_their_own_logs(tmp_path, capsys
     assert "--jobs must be at least 1" in capsys.readouterr().err
 
 
+def test_jobs_start_the_largest_T_first(tmp_path, monkeypatch):
+    import time
+
+    import repair_pl.sweep as sweep
+
+    started = []
+
+    def fake(args, folder, threads):
+        started.append(int(args[args.index("--T") + 1]))
+        time.sleep(0.2 if len(started) == 1 else 0.05)
+        (folder / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(sweep, "_run_in_subprocess", lambda args, folder, threads: fake(args, folder, threads))
+    monkeypatch.setattr(sweep, "write_comparison", lambda *a, **k: None)
+    runs, _ = plan(["demo"], ["wise"], [2, 10, 5, 3])
+    for run in runs:
+        run.folder(tmp_path).mkdir(parents=True)
+    assert run_sweep(runs, tmp_path, jobs=2, log=lambda line: None) == []
+    # two workers: 10 and 5 start together; 3 then 2 follow as they free up
+    assert sorted(started[:2]) == [5, 10] and started[2:] == [3, 2]
+
+
 def test_unknown_method_or_dataset_is_a_clear_error(tmp_path, capsys):
     compare = load_compare()
     assert compare.main(["--datasets", "demo", "--methods", "rome", "--out", str(tmp_path)]) == 2
