@@ -133,16 +133,22 @@ def _dare_drop(tau: Tensor, density: float, generator: torch.Generator | None) -
 
 
 def _sign_elect_disjoint_mean(taus: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """TIES steps 2+3: elect a sign per entry, average only agreeing entries."""
-    stacked = torch.stack([t * w for t, w in zip(taus, weights)], dim=0)
+    """TIES steps 2+3: elect a sign per entry, take the weighted mean of the agreeing entries.
+
+    The mean divides by the weights of the agreeing entries (mergekit's ``normalize``, which
+    WISE's TIES uses), so weights decide between shards that share an entry and an entry held
+    by one shard keeps its value whatever its weight."""
+    w = torch.tensor(list(weights), dtype=taus[0].dtype, device=taus[0].device).view(-1, *([1] * taus[0].dim()))
+    stacked = torch.stack(list(taus), dim=0) * w
     # elected sign = sign of the total (weighted) mass, as in TIES "sum" election
     elected = torch.sign(stacked.sum(dim=0))
     # zeros never agree: trimmed/dropped entries must not dilute the mean
     agree = (torch.sign(stacked) == elected) & (stacked != 0)
-    count = agree.sum(dim=0).to(stacked.dtype)
+    divisor = (w * agree).sum(dim=0)
     total = (stacked * agree).sum(dim=0)
     # entries with no agreeing value (incl. elected sign 0) -> 0
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    return torch.where(divisor != 0, total / torch.where(divisor != 0, divisor, torch.ones_like(divisor)),
+                       torch.zeros_like(total))
 
 
 # --------------------------------------------------------------------------- #
@@ -158,11 +164,14 @@ def ties_merge(
 
     For each shard the task vector ``tau_k = shard_k - base`` is trimmed to its
     top-``density`` fraction of entries by magnitude (per shard, over the whole
-    tensor; entries tied with the threshold are kept), scaled by its weight
-    (default 1.0), then a sign is elected per entry as the sign of the sum of
-    the weighted trimmed taus, and the merged tau is the mean of only those
-    nonzero weighted taus whose sign agrees with the elected one (0 where none
-    agree).  Returns ``base + merged_tau`` in ``base.dtype``.
+    tensor; entries tied with the threshold are kept), a sign is elected per
+    entry as the sign of the sum of the weighted trimmed taus (weights default
+    to 1.0), and the merged tau is the weighted mean of only those nonzero taus
+    whose sign agrees with the elected one, ``sum_k w_k tau_k / sum_k w_k`` over
+    the agreeing k (0 where none agree), as mergekit's TIES with ``normalize``
+    (WISE's).  Weights thus decide between shards that share an entry; an entry
+    only one shard holds keeps that shard's value.  Returns ``base + merged_tau``
+    in ``base.dtype``.
 
     Raises ValueError for empty ``shards``, shape mismatch, ``density`` outside
     (0, 1], a weights/shards length mismatch or negative total weight.

@@ -97,7 +97,10 @@ class RepairModule(L.LightningModule):
         progressive, closed_loop, distribution_aware, error_feedback: REPAIR's components
             (:mod:`repair_pl.callbacks`); ``None`` means on for ``method="repair"`` and off for
             ``"wise"``. Switch one off for an ablation.
-        loss_aware_merge: with distribution-aware memory, weigh shards by 1/(final loss + eps).
+        loss_aware_merge: with distribution-aware memory, weigh shards by 1/(final loss + eps)
+            (in TIES where shards share entries, i.e. with ``disjoint_masks=False``).
+        stack_shards: a new shard starts where the stored ones left ``W'`` instead of from the
+            merged memory, so its edits are trained beside theirs (ours; see README).
         recalibration_margin: after each REPAIR merge the routing threshold is set to this
             fraction of the weakest score among the batch's edits (:meth:`recalibrate_routing`).
         decay_factor, threshold, min_intervention, stop_loss, routing_tolerance: see
@@ -133,7 +136,7 @@ class RepairModule(L.LightningModule):
                  layer: int | None = None, lr: float = 1.0, max_steps: int = 70, act_ratio: float = 0.88,
                  alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, routing_weight: float = 1.0,
                  prompt_weight: float | None = None,
-                 mask_ratio: float = 0.2, disjoint_masks: bool | None = None,
+                 mask_ratio: float = 0.2, disjoint_masks: bool | None = None, stack_shards: bool = False,
                  norm_constraint: float | None = 1.0, n_prefixes: int = 10,
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
@@ -157,7 +160,7 @@ class RepairModule(L.LightningModule):
             _check_baseline_options(method, progressive=progressive, closed_loop=closed_loop,
                                     distribution_aware=distribution_aware, error_feedback=error_feedback,
                                     retrieve=retrieve, save_freq=save_freq, merge_freq=merge_freq,
-                                    disjoint_masks=disjoint_masks)
+                                    disjoint_masks=disjoint_masks, stack_shards=stack_shards)
         _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, edit_batch_size=edit_batch_size,
                        save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
                        n_negatives=n_negatives, mask_ratio=mask_ratio, prompt_weight=prompt_weight,
@@ -194,7 +197,7 @@ class RepairModule(L.LightningModule):
                 disjoint_masks = _component_on(method, distribution_aware)
             self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
                                      merge_method=merge_method, density=density, retrieve=retrieve,
-                                     disjoint=disjoint_masks, seed=seed)
+                                     disjoint=disjoint_masks, stack=stack_shards, seed=seed)
         mlp.down_proj = self.memory
         if isinstance(self.memory, SideMemory):
             self.memory.new_mask()
@@ -213,7 +216,6 @@ class RepairModule(L.LightningModule):
         self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
         self._retries: list[tuple[EditRecord, EditResult]] = []
         self._routing_floor: float | None = None  # min in-scope score before the current batch
-        self.step_stats: dict[str, float] = {}
 
     # ---- placement ---------------------------------------------------------------------------
     @property

@@ -40,7 +40,7 @@ class SideMemory(nn.Module):
 
     def __init__(self, main: nn.Linear, act_ratio: float = 0.88, mask_ratio: float = 0.2,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, disjoint: bool = False,
-                 seed: int = 0):
+                 stack: bool = False, seed: int = 0):
         super().__init__()
         if main.bias is not None:
             raise ValueError("SideMemory expects a bias-free down projection (Llama-family MLP)")
@@ -59,6 +59,7 @@ class SideMemory(nn.Module):
         self.period_min: float | None = None  # min in-scope score since the last retrieve merge
         self.act_ratio, self.mask_ratio = act_ratio, mask_ratio
         self.disjoint, self.shard_ratio = disjoint, mask_ratio  # shard_ratio: share of the next disjoint mask
+        self.stack = stack  # a new shard starts from the stored ones (not from the merged memory)
         self.merge_method, self.density, self.retrieve = merge_method, density, retrieve
         self.min_in_scope: float | None = None
         self.mode = "route"
@@ -119,13 +120,21 @@ class SideMemory(nn.Module):
     def _mean_current_loss(self) -> float:
         return sum(self.current_losses) / len(self.current_losses) if self.current_losses else 0.0
 
+    def _shard_start(self) -> Tensor:
+        """The weight the current shard started from: the merged memory, or with ``stack`` the
+        last stored shard (stored shards are then snapshots of ``W'``)."""
+        return self.shards[-1] if self.stack and self.shards else self.merged
+
     def save_shard(self) -> None:
-        """Store ``W'`` as a shard and restart it from the merged memory with a new mask."""
+        """Store the current shard and start a new one with a new mask: from the merged memory
+        (WISE), or with ``stack`` where ``W'`` is (ours: the new shard's edits are trained
+        beside the stored ones, which a merge then adds back unchanged when masks are disjoint)."""
         self.shards.append(self.side.detach().clone())
         self.shard_losses.append(self._mean_current_loss())
         self.current_losses = []
-        with torch.no_grad():
-            self.side.copy_(self.merged)
+        if not self.stack:
+            with torch.no_grad():
+                self.side.copy_(self.merged)
         self.new_mask()
         self._view = None
 
@@ -153,8 +162,13 @@ class SideMemory(nn.Module):
         self.new_mask()
 
     def _pending(self) -> list[Tensor]:
-        changed = not torch.equal(self.side.detach(), self.merged)
-        return self.shards + ([self.side.detach()] if changed else [])
+        """The shards to merge: the stored ones and the current one (when it changed)."""
+        changed = not torch.equal(self.side.detach(), self._shard_start())
+        ends = self.shards + ([self.side.detach()] if changed else [])
+        if not self.stack:
+            return ends
+        # stacked: each snapshot merges as the merged memory plus its own change
+        return [self.merged + (end - start) for end, start in zip(ends, [self.merged] + self.shards)]
 
     def invalidate(self) -> None:
         """Forget the cached inference weight (call after ``W'`` changed)."""

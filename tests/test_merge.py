@@ -62,15 +62,22 @@ def test_ties_nonzero_base_is_offset():
 
 
 def test_ties_weights_change_result_hand_computed():
-    # weights [1, 1, 3]: S3 weighted = [-12, 3.3, -2.7, -0.6, 0.3]
-    # entry 0: 1, 2, -12     -> -         -> -12
-    # entry 1: -3, 1, 3.3    -> sum 1.3 + -> mean(1, 3.3)     = 2.15
-    # entry 2: 3, -1.2, -2.7 -> sum -.9 - -> mean(-1.2, -2.7) = -1.95
-    # entry 3: .5, .6, -.6   -> sum .5  + -> mean(.5, .6)     = 0.55
-    # entry 4: 1.5, -1.5, .3 -> sum .3  + -> mean(1.5, .3)    = 0.9
+    # weights [1, 1, 3]: S3 weighted = [-12, 3.3, -2.7, -0.6, 0.3]; the agreeing entries are
+    # averaged with those weights (divided by the sum of their weights, as mergekit / WISE):
+    # entry 0: 1, 2, -12     -> -         -> -12 / 3                    = -4
+    # entry 1: -3, 1, 3.3    -> sum 1.3 + -> (1 + 3.3) / (1 + 3)        = 1.075
+    # entry 2: 3, -1.2, -2.7 -> sum -.9 - -> (-1.2 - 2.7) / (1 + 3)     = -0.975
+    # entry 3: .5, .6, -.6   -> sum .5  + -> (.5 + .6) / (1 + 1)        = 0.55
+    # entry 4: 1.5, -1.5, .3 -> sum .3  + -> (1.5 + .3) / (1 + 3)       = 0.45
     out = ties_merge(torch.zeros(5), _shards(), weights=[1.0, 1.0, 3.0], density=1.0)
-    _close(out, [-12.0, 2.15, -1.95, 0.55, 0.9])
+    _close(out, [-4.0, 1.075, -0.975, 0.55, 0.45])
     assert not torch.allclose(out, ties_merge(torch.zeros(5), _shards(), density=1.0))
+
+
+def test_ties_weights_leave_an_entry_of_one_shard_as_it_is():
+    # disjoint shards (REPAIR's masks): each entry has one contributor, whatever its weight
+    a, b = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, -3.0, 0.0])
+    _close(ties_merge(torch.zeros(3), [a, b], weights=[0.2, 5.0], density=1.0), [2.0, -3.0, -1.0])
 
 
 def test_ties_trim_ties_at_threshold_are_kept():

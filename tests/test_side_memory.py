@@ -63,6 +63,30 @@ def test_disjoint_masks_of_a_batch_never_overlap_and_merge_whole():
     assert int(memory.used.sum()) == int(memory.mask.sum()) == 600  # after a merge: mask_ratio again, nothing pending
 
 
+def test_stacked_shards_start_where_the_last_one_ended_and_merge_to_it():
+    torch.manual_seed(0)
+    memory = SideMemory(nn.Linear(40, 30, bias=False).requires_grad_(False), mask_ratio=0.5, disjoint=True,
+                        stack=True)
+    memory.plan_shards(3)
+    changes = []
+    for k in range(3):
+        before = memory.side.detach().clone()
+        if k:  # a new shard starts from W' as the stored shards left it, not from the merged memory
+            assert torch.allclose(before, memory.merged + sum(changes))
+        change = torch.randn_like(memory.side) * memory.mask
+        with torch.no_grad():
+            memory.side.add_(change)
+        changes.append(change)
+        memory.save_shard()
+        # a shard merges as the merged memory plus its own change only
+        assert torch.allclose(memory._pending()[-1], memory.merged + change)
+    assert len(memory._pending()) == 3  # W' has not moved since the last shard: no fourth one
+    assert torch.allclose(memory.inference_weights()[0], memory.merged + sum(changes))  # visible before a merge
+    last = memory.side.detach().clone()
+    memory.merge_shards()
+    assert torch.allclose(memory.merged, last) and torch.allclose(memory.side.detach(), last)
+
+
 def test_overlapping_masks_are_drawn_as_before_when_not_disjoint():
     a = SideMemory(nn.Linear(40, 30, bias=False), mask_ratio=0.2, seed=3)
     b = SideMemory(nn.Linear(40, 30, bias=False), mask_ratio=0.2, seed=3, disjoint=False)

@@ -50,7 +50,8 @@ class DistributionAwareMemory(EditStreamCallback):
 class MemoryMerging(EditStreamCallback):
     """After a batch of edits, merge the stored shards (and the current one) into the side
     memory (TIES by default, the module's ``merge_method``); with ``loss_aware`` shards whose
-    edits ended with a lower loss weigh more (weight = 1 / (mean final loss + eps))."""
+    edits ended with a lower loss weigh more (weight = 1 / (mean final loss + eps)). In TIES the
+    weights decide between shards that share an entry, so with disjoint masks they change nothing."""
 
     def __init__(self, loss_aware: bool = True, eps: float = 0.05):
         self.loss_aware, self.eps = loss_aware, eps
