@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torchmetrics.aggregation import MeanMetric
 
+from repair_pl.checkpoint import write_json_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import evaluate_records
-from repair_pl.lifelong import _markdown, _report, _write_json, run_lifelong
+from repair_pl.lifelong import _markdown, _report, run_lifelong
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -133,8 +134,8 @@ def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path,
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         _report("post-edit (all ranks)", post)
-        _write_json(out / "results.json", [r for _, r in order])
-        _write_json(out / "summary.json", summary)
+        write_json_atomic(out / "results.json", [r for _, r in order], indent=1)
+        write_json_atomic(out / "summary.json", summary, indent=1)
         (out / "summary.md").write_text(_markdown(summary))
     return summary
 

@@ -8,7 +8,6 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from repair_pl.checkpoint import exclusive_lock, write_json_atomic
 from repair_pl.data.records import EditRecord
@@ -28,11 +27,6 @@ def case_means(cases: list[dict]) -> dict[str, float]:
             values = case["locality"]["neighborhood_acc"] if key == "locality" else case.get(key, [])
             pools[key] += [v for v in values if not math.isnan(v)]
     return {k: sum(v) / len(v) for k, v in pools.items() if v}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically, readable (indented): a crash never leaves half a file."""
-    write_json_atomic(path, obj, indent=1)
 
 
 def _markdown(summary: dict) -> str:
@@ -144,8 +138,8 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                "failed_case_ids": failed, "interventions": module.intervention_counts(),
                "skipped_records": [str(err) for err in skipped or []]}
     _report("post-edit", summary["post"])
-    _write_json(out / "results.json", results)
-    _write_json(out / "summary.json", summary)
+    write_json_atomic(out / "results.json", results, indent=1)
+    write_json_atomic(out / "summary.json", summary, indent=1)
     (out / "summary.md").write_text(_markdown(summary))
     module.save_edits(out / "edits")
     if checkpoint is not None:
@@ -182,7 +176,7 @@ def pre_edit_evaluation(module, records: list[EditRecord], cache: str | Path | N
             print(f"pre-edit evaluation read from {path}", flush=True)
             return Evaluation(**json.loads(path.read_text()))
         pre = _evaluate_unedited(module, records, progress)
-        _write_json(path, asdict(pre))
+        write_json_atomic(path, asdict(pre), indent=1)
     return pre
 
 

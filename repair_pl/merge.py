@@ -147,8 +147,8 @@ def _sign_elect_disjoint_mean(taus: Sequence[Tensor], weights: Sequence[float]) 
     divisor = (w * agree).sum(dim=0)
     total = (stacked * agree).sum(dim=0)
     # entries with no agreeing value (incl. elected sign 0) -> 0
-    return torch.where(divisor != 0, total / torch.where(divisor != 0, divisor, torch.ones_like(divisor)),
-                       torch.zeros_like(total))
+    held = divisor != 0
+    return torch.where(held, total / torch.where(held, divisor, torch.ones_like(divisor)), torch.zeros_like(total))
 
 
 # --------------------------------------------------------------------------- #

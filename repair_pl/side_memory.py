@@ -145,8 +145,7 @@ class SideMemory(nn.Module):
         if not pending:
             return
         if loss_aware and weights is None:
-            losses = self.shard_losses + ([self._mean_current_loss()] if len(pending) > len(self.shards) else [])
-            inverse = [1.0 / (loss + eps) for loss in losses]
+            inverse = [1.0 / (loss + eps) for loss in self._pending_losses(pending)]
             weights = [w * len(inverse) / sum(inverse) for w in inverse]
         merged = merge(self.merge_method, self.merged, pending, weights, density=self.density,
                        generator=self._generator if self.merge_method == "dare_ties" else None)
@@ -160,6 +159,10 @@ class SideMemory(nn.Module):
             self.side.copy_(merged)
         self.release_masks()
         self.new_mask()
+
+    def _pending_losses(self, pending: list[Tensor]) -> list[float]:
+        """The mean final edit loss of each of ``pending`` (:meth:`_pending`'s shards)."""
+        return self.shard_losses + ([self._mean_current_loss()] if len(pending) > len(self.shards) else [])
 
     def _pending(self) -> list[Tensor]:
         """The shards to merge: the stored ones and the current one (when it changed)."""

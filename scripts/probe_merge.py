@@ -35,8 +35,8 @@ def edit_batch(module, records) -> dict:
 
     def keep_then_merge(*args, **kwargs):
         if not state:
-            state.update(shards=[s.clone() for s in memory._pending()], losses=list(memory.shard_losses)
-                         + ([memory._mean_current_loss()] if len(memory._pending()) > len(memory.shards) else []),
+            pending = memory._pending()
+            state.update(shards=[s.clone() for s in pending], losses=memory._pending_losses(pending),
                          merged=memory.merged.clone(), min_in_scope=memory.min_in_scope)
         return merge(*args, **kwargs)
 
