@@ -213,6 +213,11 @@ class RepairModule(L.LightningModule):
         self.edit_start_weight: Tensor | None = None
         self.distill_teacher: tuple | None = None  # set by InBatchDistillation for one edit
         self._lower: tuple[tuple, dict] | None = None
+        # Inputs of the edited layer per record of the current edit batch, so that error
+        # feedback's re-edits skip the frozen layers below it (see edit_stream); capped in size.
+        self._lower_cache: dict[int, tuple[Tensor, tuple[tuple, dict]]] | None = None
+        self._lower_cache_bytes = 0
+        self.lower_cache_mb = 512.0
         self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
         self._retries: list[tuple[EditRecord, EditResult]] = []
         self._routing_floor: float | None = None  # min in-scope score before the current batch
@@ -538,7 +543,7 @@ class RepairModule(L.LightningModule):
         batch = self.prepare_edit(record, self.device)
         side_memory = isinstance(self.memory, SideMemory)
         self.edit_start_weight = self.memory.side.detach().clone() if side_memory else None
-        self._lower, self.edit_failed, self.intervention, self.step_stats = None, None, 1.0, {}
+        self._lower, self.edit_failed, self.intervention, self.step_stats = self._cached_lower(record, batch), None, 1.0, {}
         if self.method == "grace":
             self._add_grace_key(record, batch)
         self.memory.mode = "edit"
@@ -553,7 +558,9 @@ class RepairModule(L.LightningModule):
         self.memory.mode = "route"
         self.memory.invalidate()
         success = self.edit_failed is None
-        score = self.in_scope_score(record) if success and side_memory else float("nan")
+        if self._lower is not None:
+            self._cache_lower(record, batch)
+        score = self.trained_score(batch, self._lower) if success and side_memory else float("nan")
         if success and side_memory:
             self.memory.record_in_scope(score)
             self.memory.note_edit_loss(self.step_stats.get("edit_loss", 0.0))
@@ -579,6 +586,22 @@ class RepairModule(L.LightningModule):
         self(batch["input_ids"], batch["attention_mask"], batch["route_mask"])
         self.memory.add_edit(self.memory.last_queries[0], record.target, self.memory.last_outputs[0])
 
+    def _cached_lower(self, record: EditRecord, batch: dict[str, Tensor]) -> tuple[tuple, dict] | None:
+        """The edited layer's inputs for ``batch`` when this record was edited earlier in the
+        batch with the same tokens (a re-edit), else ``None`` (the first step computes them)."""
+        hit = (self._lower_cache or {}).get(id(record))
+        if hit is None or not torch.equal(hit[0], batch["input_ids"]):
+            return None
+        return hit[1]
+
+    def _cache_lower(self, record: EditRecord, batch: dict[str, Tensor]) -> None:
+        if self._lower_cache is None or id(record) in self._lower_cache:
+            return
+        size = sum(t.numel() * t.element_size() for t in _tensors(self._lower))
+        if self._lower_cache_bytes + size <= self.lower_cache_mb * 2**20:
+            self._lower_cache[id(record)] = (batch["input_ids"], self._lower)
+            self._lower_cache_bytes += size
+
     def reedit(self, record: EditRecord) -> EditResult:
         """Edit a record again (error feedback); it does not count as a new edit."""
         result = self.edit(record, retry=True)
@@ -595,11 +618,36 @@ class RepairModule(L.LightningModule):
     @torch.no_grad()
     def in_scope_score(self, record: EditRecord) -> float:
         """Activation score of the bare edit prompt through the current side memory."""
-        enc = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length).to(self.device)
+        return self.in_scope_scores([record])[0]
+
+    @torch.no_grad()
+    def in_scope_scores(self, records: list[EditRecord]) -> list[float]:
+        """Activation scores of the bare edit prompts through the current side memory (mode
+        "edit": ``W'`` itself, not the routed choice), ``eval_batch_size`` prompts per forward."""
+        out, previous, size = [], self.memory.mode, self.hparams.eval_batch_size
+        self.memory.mode = "edit"
+        try:
+            for start in range(0, len(records), size):
+                chunk = records[start: start + size]
+                enc = encode_pairs(self.tokenizer, [r.prompt for r in chunk], [r.target for r in chunk],
+                                   self.hparams.max_length).to(self.device)
+                self(enc.input_ids, enc.attention_mask, enc.prompt_mask)
+                out += self.memory.last_scores.tolist()
+        finally:
+            self.memory.mode = previous
+        return out
+
+    @torch.no_grad()
+    def trained_score(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> float:
+        """:meth:`in_scope_score` of the edit ``batch`` was prepared from (its first row is the
+        bare prompt + target, routed on the prompt), from the edited layer's inputs ``lower``: the
+        score is taken inside that layer, so no other layer runs."""
+        args, kwargs = self.lower_states(batch) if lower is None else lower
         previous = self.memory.mode
         self.memory.mode = "edit"
         try:
-            self(enc.input_ids, enc.attention_mask, enc.prompt_mask)
+            with self.memory.routing(batch["route_mask"]):
+                decoder_layers(self.model)[self.layer](*args, **kwargs)
         finally:
             self.memory.mode = previous
         return float(self.memory.last_scores[0])
@@ -613,7 +661,7 @@ class RepairModule(L.LightningModule):
         (earlier batches' edits are not re-measured)."""
         if not isinstance(self.memory, SideMemory) or self.memory.retrieve or not records:
             return
-        weakest = min(self.in_scope_score(r) for r in records)
+        weakest = min(self.in_scope_scores(records))
         # epsilon = act_ratio x min_in_scope, so this puts epsilon at margin x the weakest score
         measured = self.hparams.recalibration_margin * weakest / self.memory.act_ratio
         floor = self._routing_floor
@@ -637,6 +685,7 @@ class RepairModule(L.LightningModule):
         for start in range(0, len(records), size):
             batch = list(records[start: start + size])
             self.shard_plan, self._retries = None, []
+            self._lower_cache, self._lower_cache_bytes = {}, 0
             self._routing_floor = getattr(self.memory, "min_in_scope", None)  # see recalibrate_routing
             for cb in streams:
                 batch = cb.on_edit_batch_start(self, batch)
@@ -652,6 +701,7 @@ class RepairModule(L.LightningModule):
                 yield record, result
             for cb in streams:
                 cb.on_edit_batch_end(self, batch, results)
+            self._lower_cache = None
             yield from self._retries
         if bar is not None:
             bar.close()
@@ -804,6 +854,18 @@ def _predicting(answer_mask: Tensor) -> Tensor:
     predicting = torch.zeros_like(answer_mask, dtype=torch.bool)
     predicting[:, :-1] = answer_mask[:, 1:].bool()
     return predicting
+
+
+def _tensors(obj):
+    """The tensors inside nested tuples, lists and dicts (a layer's cached inputs)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 def _flat_indices(mask: Tensor) -> Tensor:

@@ -210,7 +210,7 @@ def plain_edit(module, record, steps: int) -> None:
     module.eval()
     memory.mode = "route"
     memory.invalidate()
-    memory.record_in_scope(module.in_scope_score(record))
+    memory.record_in_scope(module.trained_score(batch, lower))
     memory.note_edit_loss(float(out["edit_loss"].detach()))
     module.edit_count += 1
 

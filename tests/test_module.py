@@ -240,3 +240,38 @@ def test_reset_edits_restores_the_unedited_model():
     module.reset_edits()
     assert module.memory.min_in_scope is None and module.memory.shards == [] and module.edit_count == 0
     assert torch.equal(module.memory.side.detach(), module.memory.main.weight.float())
+
+
+def test_in_scope_scores_batched_and_from_the_edit_batch_match_one_by_one():
+    module = make()
+    module.edit(A)  # the threshold is recorded from the edit batch's cached inputs
+    assert module.memory.min_in_scope == pytest.approx(module.in_scope_score(A), rel=1e-5)
+    module.edit(B)
+    one_by_one = [module.in_scope_score(r) for r in (A, B)]
+    assert module.in_scope_scores([A, B]) == pytest.approx(one_by_one, rel=1e-5)
+    batch = module.prepare_edit(B)  # the bare prompt is its first row, padded among the prefixed ones
+    assert module.trained_score(batch) == pytest.approx(one_by_one[1], rel=1e-5)
+
+
+def _stream_with_one_reedit(monkeypatch, cache_mb: float):
+    """A and B in one REPAIR batch; error feedback's scripted re-check fails A once, so A is re-edited."""
+    from repair_pl.callbacks import memory
+
+    module = make(method="repair", progressive=False, closed_loop=False, cluster_size=1, max_retries=1)
+    module.lower_cache_mb = cache_mb
+    script = iter([[False, True], [True, True]])
+    monkeypatch.setattr(memory, "rewrite_correct", lambda module, records: next(script))
+    calls = []
+    original = module.lower_states
+    monkeypatch.setattr(module, "lower_states", lambda batch: calls.append(1) or original(batch))
+    results = [r for _, r in module.edit_stream([A, B], progress=False)]
+    assert [r.retry for r in results] == [False, False, True]
+    return module, len(calls)
+
+
+def test_reedits_reuse_the_edited_layers_inputs_with_the_same_result(monkeypatch):
+    cached, cached_calls = _stream_with_one_reedit(monkeypatch, 512.0)
+    fresh, fresh_calls = _stream_with_one_reedit(monkeypatch, 0.0)  # nothing fits: every fit computes them
+    assert fresh_calls == cached_calls + 1  # the re-edit of A skipped the frozen layers below
+    assert torch.equal(cached.memory.side, fresh.memory.side)
+    assert cached._lower_cache is None  # dropped with the batch: nothing kept across batches
