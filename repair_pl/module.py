@@ -103,7 +103,7 @@ class RepairModule(L.LightningModule):
             merged memory, so its edits are trained beside theirs (ours; see README).
         recalibration_margin: after each REPAIR merge the routing threshold is set to this
             fraction of the weakest score among the batch's edits (:meth:`recalibrate_routing`).
-        decay_factor, threshold, min_intervention, stop_loss, routing_tolerance: see
+        decay_factor, threshold, min_intervention, stop_loss, routing_tolerance, plateau_window: see
             :class:`~repair_pl.callbacks.ProgressiveIntervention`.
         stagnation_window, max_lr_factor, divergence_factor, max_rollbacks: see
             :class:`~repair_pl.callbacks.ClosedLoopFeedback`; ``undo_unreached`` is its
@@ -144,7 +144,8 @@ class RepairModule(L.LightningModule):
                  distribution_aware: bool | None = None, error_feedback: bool | None = None,
                  loss_aware_merge: bool = True, recalibration_margin: float = 0.91, decay_factor: float = 0.95, threshold: float = 0.01,
                  min_intervention: float = 0.1, stop_loss: float | None = None,
-                 routing_tolerance: float = float("inf"), stagnation_window: int = 5,
+                 routing_tolerance: float = float("inf"), plateau_window: int | None = None,
+                 stagnation_window: int = 5,
                  max_lr_factor: float = 4.0, undo_unreached: bool = True, divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
                  cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
                  max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
@@ -494,7 +495,8 @@ class RepairModule(L.LightningModule):
                                                 max_rollbacks=hp.max_rollbacks))
         if on(hp.progressive):  # after closed loop: it applies the final lr of the step
             callbacks.append(ProgressiveIntervention(hp.decay_factor, hp.threshold, hp.min_intervention,
-                                                     stop_loss=hp.stop_loss, routing_tolerance=hp.routing_tolerance))
+                                                     stop_loss=hp.stop_loss, routing_tolerance=hp.routing_tolerance,
+                                                     plateau_window=hp.plateau_window))
         if on(hp.distribution_aware):
             callbacks.append(DistributionAwareMemory(hp.cluster_size, method=hp.cluster_method,
                                                      heterogeneous=hp.heterogeneous, seed=hp.seed))

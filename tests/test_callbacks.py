@@ -311,3 +311,25 @@ def test_error_feedback_keeps_a_round_only_if_it_fixes_more_edits(monkeypatch, f
         assert feedback.counts["undone_rounds"] == 1 and feedback.counts["still_failing"] == 1
         assert all(torch.equal(after[k], before[k]) for k in before)
         assert module.memory.min_in_scope == threshold
+
+
+def test_progressive_early_stop_on_a_plateau_once_the_target_is_reached():
+    cb, module, trainer = ProgressiveIntervention(threshold=0.01, plateau_window=3, plateau_tol=0.05), \
+        FakeModule(), fake_trainer()
+    cb.on_edit_start(module, None)
+    for loss in [1.0, 0.5, 0.5, 0.5]:  # flat, but the target is not predicted yet: keep going
+        step(cb, trainer, module, loss, correct=0.0)
+    assert not trainer.should_stop
+    for loss in [0.3, 0.2, 0.19]:  # reached, still improving by more than 5% on the best before
+        step(cb, trainer, module, loss, correct=1.0)
+        assert not trainer.should_stop
+    for loss in [0.2, 0.195]:
+        step(cb, trainer, module, loss, correct=1.0)
+        assert not trainer.should_stop
+    step(cb, trainer, module, 0.21, correct=1.0)  # three steps without beating 0.19 by 5%
+    assert trainer.should_stop
+    off = ProgressiveIntervention(threshold=0.01)
+    off.on_edit_start(module, None)
+    for loss in [0.2] * 10:
+        step(off, trainer := fake_trainer(), module, loss, correct=1.0)
+    assert not trainer.should_stop  # without plateau_window only stop_loss stops an edit
