@@ -11,6 +11,16 @@ Each --setting is a JSON object of ``RepairModule`` arguments. Prints, per setti
 edit, edits whose target was reached, seconds per edit, interventions, and Rel/Gen/Loc per
 act_ratio (means over chunks, as ``scripts/edit.py fit``). This is how configs/zsre.yaml's
 settings were chosen.
+
+With ``--edits RUN/edits`` nothing is edited: the saved state of a finished run (one chunk of
+the first ``--n`` records, built with the one --setting) is scored at each act_ratio:
+
+    python scripts/probe_routing.py --n 100 --edits runs/repair_T100/edits --act_ratios 1.03 1.1 \
+        --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}'
+
+For a REPAIR run edited as one batch this is the run with ``recalibration_margin`` x
+act_ratio / 1.03 (the run's 1.03): below a margin of 1 every edit of the batch still routes at
+its merge, so error feedback would have made the same decisions.
 """
 
 from __future__ import annotations
@@ -30,8 +40,6 @@ METRICS = ("rewrite_acc", "rephrase_acc", "locality")
 
 def probe(module, records, T: int, act_ratios: list[float], reference) -> dict:
     """Edit ``records`` in chunks of ``T`` and score each chunk's memory at every act_ratio."""
-    from repair_pl.evaluate import evaluate_records
-
     sums = {r: {k: [] for k in METRICS} for r in act_ratios}
     start_time, steps, reached = time.perf_counter(), 0, 0
     for start in range(0, len(records), T):
@@ -40,18 +48,34 @@ def probe(module, records, T: int, act_ratios: list[float], reference) -> dict:
         for _, result in module.edit_stream(chunk, progress=False):
             steps += result.steps
             reached += bool(result.target_reached and not result.retry)
-        for ratio in act_ratios:
-            module.memory.act_ratio = ratio
-            module.memory.invalidate()
-            ev = evaluate_records(module.logits_fn(), module.tokenizer, chunk, reference=reference[start:start + T],
-                                  batch_size=module.hparams.eval_batch_size, max_length=module.hparams.max_length)
+        for ratio, means in score_thresholds(module, chunk, act_ratios, reference[start:start + T]).items():
             for key in METRICS:
-                sums[ratio][key].append(ev.means[key])
+                sums[ratio][key].append(means[key])
     n = len(records)
     return {"steps_per_edit": steps / n, "reached": reached, "n": n,
             "seconds_per_edit": (time.perf_counter() - start_time) / n,
             "interventions": module.intervention_counts(),
             "by_act_ratio": {r: {k: sum(v) / len(v) for k, v in m.items()} for r, m in sums.items()}}
+
+
+def score_thresholds(module, records, act_ratios: list[float], reference) -> dict[float, dict[str, float]]:
+    """Rel/Gen/Loc of ``records`` through the module's memory at each act_ratio."""
+    from repair_pl.evaluate import evaluate_records
+
+    out = {}
+    for ratio in act_ratios:
+        module.memory.act_ratio = ratio
+        module.memory.invalidate()
+        ev = evaluate_records(module.logits_fn(), module.tokenizer, records, reference=reference,
+                              batch_size=module.hparams.eval_batch_size, max_length=module.hparams.max_length)
+        out[ratio] = {key: ev.means[key] for key in METRICS}
+    return out
+
+
+def print_scores(by_ratio: dict[float, dict[str, float]]) -> None:
+    for ratio, m in by_ratio.items():
+        print(f"  act_ratio {ratio}: Rel {m['rewrite_acc']:.3f}  Gen {m['rephrase_acc']:.3f}  Loc {m['locality']:.3f}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--act_ratios", type=float, nargs="+", default=[1.0])
     parser.add_argument("--setting", action="append", required=True, help="JSON object of RepairModule arguments")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--edits", default=None, help="score this saved state (a run's edits/ folder) instead of editing")
     args = parser.parse_args(argv)
     try:
         settings = [json.loads(s) for s in args.setting]
     except json.JSONDecodeError as err:
         parser.error(f"--setting is not JSON: {err}")
+    if args.edits and len(settings) != 1:
+        parser.error("--edits scores one saved state: give exactly one --setting (the run's)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -88,12 +115,17 @@ def main(argv: list[str] | None = None) -> int:
             reference = evaluate_records(module.logits_fn(edited=False), tokenizer, records,
                                          batch_size=module.hparams.eval_batch_size,
                                          max_length=module.hparams.max_length).locality_preds
+        if args.edits:
+            module.load_edits(args.edits)
+            scores = module.in_scope_scores(records)
+            print(f"{args.edits}: {len(records)} records, in-scope scores min {min(scores):.2f} "
+                  f"median {sorted(scores)[len(scores) // 2]:.2f}, saved min_in_scope {module.memory.min_in_scope:.2f}")
+            print_scores(score_thresholds(module, records, args.act_ratios, reference))
+            return 0
         out = probe(module, records, args.T, args.act_ratios, reference)
         print(f"{json.dumps(setting)}: steps/edit {out['steps_per_edit']:.1f}, reached {out['reached']}/{out['n']}, "
               f"{out['seconds_per_edit']:.2f} s/edit, interventions {out['interventions']}")
-        for ratio, m in out["by_act_ratio"].items():
-            print(f"  act_ratio {ratio}: Rel {m['rewrite_acc']:.3f}  Gen {m['rephrase_acc']:.3f}  Loc {m['locality']:.3f}",
-                  flush=True)
+        print_scores(out["by_act_ratio"])
         module.unwrap_model()  # the next setting starts from the plain model
     return 0
 

@@ -37,3 +37,18 @@ def test_probe_scores_one_memory_at_every_threshold():
     everything, nothing = out["by_act_ratio"][0.0], out["by_act_ratio"][1e6]
     assert nothing["locality"] == 1.0 and nothing["rewrite_acc"] == pytest.approx(pre.means["rewrite_acc"])
     assert everything["rewrite_acc"] > nothing["rewrite_acc"]  # the edits live in the side memory
+
+
+def test_saved_state_is_scored_at_each_threshold_without_editing(tmp_path):
+    script = load_script()
+    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS)
+    for record in RECORDS:
+        module.edit(record)
+    module.save_edits(tmp_path / "edits")
+    edited = evaluate_records(module.logits_fn(), module.tokenizer, RECORDS, reference=pre.locality_preds)
+    fresh = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    fresh.load_edits(tmp_path / "edits")
+    out = script.score_thresholds(fresh, RECORDS, [module.memory.act_ratio, 1e6], pre.locality_preds)
+    assert out[module.memory.act_ratio] == pytest.approx({k: edited.means[k] for k in script.METRICS})
+    assert out[1e6]["locality"] == 1.0 and out[1e6]["rewrite_acc"] == pytest.approx(pre.means["rewrite_acc"])
