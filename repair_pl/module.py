@@ -507,6 +507,11 @@ class RepairModule(L.LightningModule):
             callbacks.append(ErrorFeedback(tau_prune=hp.tau_prune, max_retries=hp.max_retries))
         return callbacks
 
+    def _reedits_possible(self) -> bool:
+        from repair_pl.callbacks import ErrorFeedback
+
+        return any(isinstance(cb, ErrorFeedback) for cb in self.edit_callbacks)
+
     def _stream_callbacks(self):
         from repair_pl.callbacks import EditStreamCallback
 
@@ -687,7 +692,8 @@ class RepairModule(L.LightningModule):
         for start in range(0, len(records), size):
             batch = list(records[start: start + size])
             self.shard_plan, self._retries = None, []
-            self._lower_cache, self._lower_cache_bytes = {}, 0
+            # only error feedback edits a record twice: without it nothing is worth keeping
+            self._lower_cache, self._lower_cache_bytes = ({} if self._reedits_possible() else None), 0
             self._routing_floor = getattr(self.memory, "min_in_scope", None)  # see recalibrate_routing
             for cb in streams:
                 batch = cb.on_edit_batch_start(self, batch)

@@ -275,3 +275,11 @@ def test_reedits_reuse_the_edited_layers_inputs_with_the_same_result(monkeypatch
     assert fresh_calls == cached_calls + 1  # the re-edit of A skipped the frozen layers below
     assert torch.equal(cached.memory.side, fresh.memory.side)
     assert cached._lower_cache is None  # dropped with the batch: nothing kept across batches
+
+
+def test_streams_without_error_feedback_keep_no_lower_states():
+    module = make(method="wise")
+    stream = module.edit_stream([A, B], progress=False)
+    next(stream)
+    assert module._lower_cache is None  # no re-edits to serve: a long WISE chunk keeps nothing
+    list(stream)
