@@ -550,7 +550,8 @@ class RepairModule(L.LightningModule):
         batch = self.prepare_edit(record, self.device)
         side_memory = isinstance(self.memory, SideMemory)
         self.edit_start_weight = self.memory.side.detach().clone() if side_memory else None
-        self._lower, self.edit_failed, self.intervention, self.step_stats = self._cached_lower(record, batch), None, 1.0, {}
+        self._lower = self._cached_lower(record, batch)  # None: the first step computes it
+        self.edit_failed, self.intervention, self.step_stats = None, 1.0, {}
         if self.method == "grace":
             self._add_grace_key(record, batch)
         self.memory.mode = "edit"
@@ -631,18 +632,23 @@ class RepairModule(L.LightningModule):
     def in_scope_scores(self, records: list[EditRecord]) -> list[float]:
         """Activation scores of the bare edit prompts through the current side memory (mode
         "edit": ``W'`` itself, not the routed choice), ``eval_batch_size`` prompts per forward."""
-        out, previous, size = [], self.memory.mode, self.hparams.eval_batch_size
+        out, previous = [], self.memory.mode
         self.memory.mode = "edit"
         try:
-            for start in range(0, len(records), size):
-                chunk = records[start: start + size]
-                enc = encode_pairs(self.tokenizer, [r.prompt for r in chunk], [r.target for r in chunk],
-                                   self.hparams.max_length).to(self.device)
+            for enc in self.encoded_records(records):
                 self(enc.input_ids, enc.attention_mask, enc.prompt_mask)
                 out += self.memory.last_scores.tolist()
         finally:
             self.memory.mode = previous
         return out
+
+    def encoded_records(self, records: list[EditRecord]):
+        """``prompt + target`` of ``records``, ``eval_batch_size`` at a time, on the module's device."""
+        size = self.hparams.eval_batch_size
+        for start in range(0, len(records), size):
+            chunk = records[start: start + size]
+            yield encode_pairs(self.tokenizer, [r.prompt for r in chunk], [r.target for r in chunk],
+                               self.hparams.max_length).to(self.device)
 
     @torch.no_grad()
     def trained_score(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> float:

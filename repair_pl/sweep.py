@@ -159,8 +159,8 @@ def run_sweep(runs: Sequence[Run], out: Path, extra: Sequence[str] = (), wandb: 
     each in a process of its own with ``torch threads // N`` threads and its output in
     ``<run folder>/run.log``: for machines whose cores one run cannot keep busy (on 2 cores it
     gained ~1.2x: two one-thread runs side by side each ran ~1.7x slower than one two-thread run
-    alone). Thread counts change float
-    summation order, so numbers may differ in the last digits from a one-job sweep."""
+    alone). Thread counts change float summation order, so numbers may differ in the last digits
+    from a one-job sweep."""
     if jobs < 1:
         raise SweepError(f"jobs must be at least 1, got {jobs}")
     out = Path(out)

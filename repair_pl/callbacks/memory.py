@@ -8,7 +8,7 @@ import torch
 
 from repair_pl.callbacks.base import EditStreamCallback
 from repair_pl.clustering import cluster_labels, default_clusters, embed_prompts, plan_shards
-from repair_pl.evaluate import encode_pairs, predict_answers
+from repair_pl.evaluate import predict_answers
 
 
 class DistributionAwareMemory(EditStreamCallback):
@@ -66,10 +66,7 @@ def rewrite_correct(module, records: list) -> list[bool]:
     """Whether each record's target is fully predicted (teacher-forced) by the routed model."""
     out = []
     fn = module.logits_fn(edited=True)
-    for start in range(0, len(records), module.hparams.eval_batch_size):
-        chunk = records[start: start + module.hparams.eval_batch_size]
-        batch = encode_pairs(module.tokenizer, [r.prompt for r in chunk], [r.target for r in chunk],
-                             module.hparams.max_length).to(module.device)
+    for batch in module.encoded_records(records):
         preds, target, mask = predict_answers(fn, batch)
         out += (((preds == target) | ~mask).all(-1)).tolist()
     return out
