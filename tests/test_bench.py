@@ -71,3 +71,13 @@ def test_stream_budget_cuts_part_5_to_what_fits(bench):
     assert bench.stream_length(1000, 100.0, measured) == 150  # 100 s / (1.3 x 0.5 s) = 153 -> 150
     assert bench.stream_length(1000, 1.0, measured) == 10  # never fewer than 10
     assert bench.stream_length(100, 1e6, measured) == 100  # never more than asked
+
+
+@pytest.mark.parametrize("method", ["grace", "ft_l"])
+def test_part_5_streams_a_baseline(bench, tmp_path, method):
+    # a baseline holds no side memory or shards: part 5 reports what it keeps beside the frozen layer
+    bench.main(["--model", "tiny-random", "--data", "demo", "--out", str(tmp_path), "--parts", "5", "-n", "2",
+                "--stream", json.dumps({"method": method, "max_steps": 2})])
+    run = json.loads((tmp_path / "bench.json").read_text())["5"]["run"]
+    assert run["method"] == method and run["n_edits"] == 2
+    assert run["side_memory_mb"]["side"] > 0 and run["side_memory_mb"]["shards"] == 0
