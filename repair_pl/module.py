@@ -354,13 +354,21 @@ class RepairModule(L.LightningModule):
             handle.remove()
         return captured["args"], captured["kwargs"]
 
-    def upper_forward(self, lower: tuple[tuple, dict], positions: Tensor) -> Tensor:
+    def upper_forward(self, lower: tuple[tuple, dict], positions: Tensor, rows: int | None = None) -> Tensor:
         """Run the edited layer and those above it from cached inputs; return logits at
         ``positions`` only (flat indices into the (B, T) positions, see :func:`_flat_indices`),
-        since the loss needs no other."""
+        since the loss needs no other. With ``rows``, only the first ``rows`` sequences go on
+        above the edited layer: the out-of-scope rows after them count only through their
+        scores in it, so running them higher would be wasted work."""
         args, kwargs = lower
         hidden = args[0]
-        for layer in decoder_layers(self.model)[self.layer:]:
+        first, *above = decoder_layers(self.model)[self.layer:]
+        out = first(hidden, *args[1:], **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if rows is not None and rows < hidden.shape[0]:
+            args, kwargs = _first_rows((args, kwargs), hidden.shape[0], rows)
+            hidden = hidden[:rows]
+        for layer in above:
             out = layer(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = hidden.flatten(0, 1).index_select(0, positions.to(hidden.device))
@@ -372,8 +380,8 @@ class RepairModule(L.LightningModule):
         waiting on the GPU (no boolean indexing, no reading values back)."""
         if lower is None:
             lower = self.lower_states(batch)
-        with self.memory.routing(batch["route_mask"]):
-            logits = self.upper_forward(lower, batch["positions"])
+        with self.memory.routing(batch["route_mask"]):  # edit rows come first (prepare_edit)
+            logits = self.upper_forward(lower, batch["positions"], rows=len(batch["edit_rows"]))
         # With a device_map, logits come from the last GPU and scores from the edited layer's.
         labels = batch["labels"].to(logits.device)
         if self.method in BASELINES:
@@ -880,6 +888,19 @@ def _tensors(obj):
     elif isinstance(obj, Mapping):
         for item in obj.values():
             yield from _tensors(item)
+
+
+def _first_rows(obj, batch_size: int, rows: int):
+    """``obj`` (a layer's cached inputs: nested tuples, lists and dicts) with every tensor
+    whose first dimension is the batch cut to its first ``rows`` sequences; shared tensors
+    (position embeddings of shape (1, T, d), flags) are kept as they are."""
+    if isinstance(obj, Tensor):
+        return obj[:rows] if obj.dim() and obj.shape[0] == batch_size else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first_rows(item, batch_size, rows) for item in obj)
+    if isinstance(obj, Mapping):
+        return {k: _first_rows(v, batch_size, rows) for k, v in obj.items()}
+    return obj
 
 
 def _flat_indices(mask: Tensor) -> Tensor:

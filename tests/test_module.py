@@ -283,3 +283,31 @@ def test_streams_without_error_feedback_keep_no_lower_states():
     next(stream)
     assert module._lower_cache is None  # no re-edits to serve: a long WISE chunk keeps nothing
     list(stream)
+
+
+def test_out_of_scope_rows_stop_at_the_edited_layer_without_changing_the_step():
+    module = make(n_negatives=3)
+    for record in (A, B, A):
+        module.prepare_edit(record)  # fill the negatives: 1 edit row + 2 prefixed, then 4 out of scope
+    batch = module.prepare_edit(B)
+    n_edit = len(batch["edit_rows"])
+    assert batch["input_ids"].shape[0] == n_edit + 4
+    calls = []
+    above = module.model.model.layers[module.layer + 1]
+    above.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    module.memory.mode, module.memory.side.grad = "edit", None  # as during an edit
+    losses = module.edit_losses(batch)
+    losses["loss"].backward()
+    cut_grad = module.memory.side.grad.clone()
+    assert calls == [n_edit]  # the layers above saw only the edit rows
+
+    # reference: every row through every layer, the same loss and gradient
+    original = module.upper_forward
+    module.upper_forward = lambda lower, positions, rows=None: original(lower, positions)
+    module.memory.side.grad = None
+    full = module.edit_losses(batch)
+    full["loss"].backward()
+    assert calls[1:] == [n_edit + 4]
+    for key in ("loss", "edit_loss", "routing_loss", "out_scope"):
+        torch.testing.assert_close(losses[key], full[key])
+    torch.testing.assert_close(cut_grad, module.memory.side.grad)
