@@ -91,6 +91,10 @@ class RepairModule(L.LightningModule):
         merge_method: ``ties``, ``dare_ties``, ``linear``, ``slerp`` or ``sign``.
         density: trim density of TIES/DARE.
         retrieve: WISE-Retrieve: keep merged memories apart and route top-1 by score.
+        score_tokens: where the routing score is read: ``"mean"`` over the prompt's tokens (WISE)
+            or ``"last"``, the prompt's last token alone (ours; README "Design choices"), whose
+            output the edit trains to produce the answer; ``None``: ``"last"`` for
+            ``method="repair"``, ``"mean"`` for ``"wise"``.
         n_negatives: also hold down the scores of the routing prompts of up to N earlier edits
             (ours; WISE uses only the edit's own). As edits accumulate, the side memory drifts
             on all text; a short replay of negatives keeps unrelated scores low (locality).
@@ -140,7 +144,7 @@ class RepairModule(L.LightningModule):
                  norm_constraint: float | None = 1.0, n_prefixes: int = 10,
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
-                 progressive: bool | None = None, closed_loop: bool | None = None,
+                 score_tokens: str | None = None, progressive: bool | None = None, closed_loop: bool | None = None,
                  distribution_aware: bool | None = None, error_feedback: bool | None = None,
                  loss_aware_merge: bool = True, recalibration_margin: float = 0.91, decay_factor: float = 0.95, threshold: float = 0.01,
                  min_intervention: float = 0.1, stop_loss: float | None = None,
@@ -166,7 +170,7 @@ class RepairModule(L.LightningModule):
                        save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
                        n_negatives=n_negatives, mask_ratio=mask_ratio, prompt_weight=prompt_weight,
                        recalibration_margin=recalibration_margin, merge_method=merge_method,
-                       cluster_method=cluster_method)
+                       cluster_method=cluster_method, score_tokens=score_tokens)
         self.save_hyperparameters(ignore=["model", "tokenizer"] if not isinstance(model, str) else ["tokenizer"])
         check_device_map(device_map)
         if isinstance(model, str):
@@ -196,9 +200,12 @@ class RepairModule(L.LightningModule):
         else:
             if disjoint_masks is None:  # with REPAIR's distribution-aware memory
                 disjoint_masks = _component_on(method, distribution_aware)
+            if score_tokens is None:  # WISE's mean for method wise; the last token for REPAIR
+                score_tokens = "last" if method == "repair" else "mean"
             self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
                                      merge_method=merge_method, density=density, retrieve=retrieve,
-                                     disjoint=disjoint_masks, stack=stack_shards, seed=seed)
+                                     disjoint=disjoint_masks, stack=stack_shards, score_tokens=score_tokens,
+                                     seed=seed)
         mlp.down_proj = self.memory
         if isinstance(self.memory, SideMemory):
             self.memory.new_mask()
@@ -772,7 +779,7 @@ class RepairModule(L.LightningModule):
         meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
                 "weight_shape": list(m.side.shape), "edit_count": self.edit_count,
                 "min_in_scope": m.min_in_scope, "period_min": m.period_min, "memory_scales": m.memory_scales,
-                "act_ratio": m.act_ratio, "shard_ratio": m.shard_ratio, "n_shards": len(m.shards),
+                "act_ratio": m.act_ratio, "score_tokens": m.score_tokens, "shard_ratio": m.shard_ratio, "n_shards": len(m.shards),
                 "n_memories": len(m.memories), "prefixes": self.prefixes, "method": self.method,
                 "generator_state": m._generator.get_state().tolist(),
                 "shard_losses": m.shard_losses, "current_losses": m.current_losses,
@@ -803,6 +810,10 @@ class RepairModule(L.LightningModule):
         saved = meta.get("method", "wise")
         if (saved in BASELINES or self.method in BASELINES) and saved != self.method:
             raise ValueError(f"{path}: edits were made with method {saved!r}; this module runs {self.method!r}")
+        tokens = meta.get("score_tokens", "mean")  # states saved before the option scored the mean
+        if saved not in BASELINES and tokens != self.memory.score_tokens:
+            raise ValueError(f"{path}: edits were routed with score_tokens={tokens!r} (their thresholds are on that "
+                             f"scale); this module has score_tokens={self.memory.score_tokens!r}: set model.score_tokens")
         self.restore_edits(tensors, meta)
 
     def restore_edits(self, tensors: dict[str, Tensor], meta: dict) -> None:
@@ -861,12 +872,15 @@ def _check_options(**options) -> None:
             bad = value not in MERGERS
         elif key == "cluster_method":
             bad = value not in ("kmeans", "agglomerative")
+        elif key == "score_tokens":
+            bad = value not in (None, "mean", "last")
         else:
             bad = not (optional and value is None) and (not isinstance(value, int) or value < 1)
         if bad:
             expected = {"n_prefixes": "an integer >= 0", "n_negatives": "an integer >= 0", "mask_ratio": "in (0, 1]",
                         "prompt_weight": "in [0, 1] or null", "recalibration_margin": "in (0, 1]",
-                        "merge_method": f"one of {sorted(MERGERS)}", "cluster_method": "'kmeans' or 'agglomerative'"}
+                        "merge_method": f"one of {sorted(MERGERS)}", "cluster_method": "'kmeans' or 'agglomerative'",
+                        "score_tokens": "'mean', 'last' or null"}
             want = expected.get(key, "a positive integer" + (" or null" if optional else ""))
             raise ValueError(f"model.{key} must be {want}, got {value!r}")
 

@@ -2,7 +2,8 @@
 
 The frozen main weight ``W`` stays untouched; a trainable copy ``W'`` (the side memory) holds
 the edits. Routing decides per sequence: the activation score of a sequence is the L2 norm of
-``x W'^T - x W^T`` per token, averaged over the sequence's routing tokens (the prompt); the side
+``x W'^T - x W^T`` per token, averaged over the sequence's routing tokens (the prompt; with
+``score_tokens="last"``, ours, the norm at the last routing token alone); the side
 output is used when the score exceeds ``epsilon = act_ratio * (min in-scope score seen at the end
 of an edit)``, else the main output.
 
@@ -40,10 +41,13 @@ class SideMemory(nn.Module):
 
     def __init__(self, main: nn.Linear, act_ratio: float = 0.88, mask_ratio: float = 0.2,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, disjoint: bool = False,
-                 stack: bool = False, seed: int = 0):
+                 stack: bool = False, score_tokens: str = "mean", seed: int = 0):
         super().__init__()
         if main.bias is not None:
             raise ValueError("SideMemory expects a bias-free down projection (Llama-family MLP)")
+        if score_tokens not in ("mean", "last"):
+            raise ValueError(f"score_tokens must be 'mean' or 'last', got {score_tokens!r}")
+        self.score_tokens = score_tokens
         self.main = main
         weight = main.weight.detach().float()
         self.side = nn.Parameter(weight.clone())  # fp32 even when the frozen model is bf16
@@ -200,12 +204,17 @@ class SideMemory(nn.Module):
             self.route_mask, self.sticky, self._sticky_on = None, None, False
 
     def _scores(self, delta: Tensor) -> Tensor:
-        """Mean over routing tokens of the per-token L2 norm of ``delta`` -> (B,)."""
+        """Per-token L2 norm of ``delta``, averaged over the routing tokens (or taken at the last
+        one, ``score_tokens="last"``) -> (B,)."""
         norms = delta.float().norm(dim=-1)
         mask = self.route_mask
+        last = self.score_tokens == "last"
         if mask is None or mask.shape != norms.shape:
-            return norms.mean(-1)
+            return norms[..., -1] if last else norms.mean(-1)
         mask = mask.to(device=norms.device, dtype=norms.dtype)  # masks come from the input device
+        if last:  # the last routing token of each row, whichever side the row is padded on
+            position = (mask * torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)).argmax(-1)
+            return norms.gather(-1, position[..., None]).squeeze(-1)
         return (norms * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -190,6 +190,17 @@ def test_loading_edits_into_another_model_fails_clearly(tmp_path):
         wider.load_edits(tmp_path / "edits")
     with pytest.raises(FileNotFoundError, match="no saved edits"):
         module.load_edits(tmp_path / "nothing")
+    last = make(score_tokens="last")  # thresholds on another scale: refused, naming the option
+    with pytest.raises(ValueError, match="score_tokens"):
+        last.load_edits(tmp_path / "edits")
+
+
+def test_score_tokens_default_follows_the_method():
+    assert make(method="wise").memory.score_tokens == "mean"  # WISE as published
+    assert make(method="repair").memory.score_tokens == "last"
+    assert make(method="repair", score_tokens="mean").memory.score_tokens == "mean"
+    with pytest.raises(ValueError, match="model.score_tokens"):
+        make(score_tokens="max")
 
 
 def test_prompt_weight_splits_the_target_loss_between_bare_and_prefixed_prompts():

@@ -95,3 +95,29 @@ def test_overlapping_masks_are_drawn_as_before_when_not_disjoint():
     assert torch.equal(a.mask, b.mask)
     expected = torch.rand((30, 40), generator=torch.Generator().manual_seed(3)) < 0.2
     assert torch.equal(a.mask, expected)
+
+
+def test_last_token_score_reads_the_last_routing_token_of_each_row():
+    memory = routed_memory()
+    memory.score_tokens, memory.mode = "last", "edit"
+    x = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0],  # right-padded prompt: its last token is position 2
+                         [0, 0, 1, 1, 1],  # left-padded (generation): position 4
+                         [1, 1, 1, 1, 1]], dtype=torch.bool)
+    norms = (x @ (memory.side.detach() - memory.main.weight).T).norm(dim=-1)
+    with memory.routing(mask):
+        memory(x)
+    torch.testing.assert_close(memory.last_scores, norms[[0, 1, 2], [2, 4, 4]])
+    memory(x)  # no mask: the last position
+    torch.testing.assert_close(memory.last_scores, norms[:, -1])
+    memory.score_tokens = "mean"
+    with memory.routing(mask):
+        memory(x)
+    torch.testing.assert_close(memory.last_scores, (norms * mask).sum(-1) / mask.sum(-1))
+
+
+def test_unknown_score_tokens_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="score_tokens"):
+        SideMemory(nn.Linear(8, 4, bias=False), score_tokens="first")
