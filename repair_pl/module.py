@@ -779,7 +779,8 @@ class RepairModule(L.LightningModule):
         meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
                 "weight_shape": list(m.side.shape), "edit_count": self.edit_count,
                 "min_in_scope": m.min_in_scope, "period_min": m.period_min, "memory_scales": m.memory_scales,
-                "act_ratio": m.act_ratio, "score_tokens": m.score_tokens, "shard_ratio": m.shard_ratio, "n_shards": len(m.shards),
+                "act_ratio": m.act_ratio, "score_tokens": m.score_tokens, "shard_ratio": m.shard_ratio,
+                "n_shards": len(m.shards),
                 "n_memories": len(m.memories), "prefixes": self.prefixes, "method": self.method,
                 "generator_state": m._generator.get_state().tolist(),
                 "shard_losses": m.shard_losses, "current_losses": m.current_losses,
@@ -812,8 +813,9 @@ class RepairModule(L.LightningModule):
             raise ValueError(f"{path}: edits were made with method {saved!r}; this module runs {self.method!r}")
         tokens = meta.get("score_tokens", "mean")  # states saved before the option scored the mean
         if saved not in BASELINES and tokens != self.memory.score_tokens:
-            raise ValueError(f"{path}: edits were routed with score_tokens={tokens!r} (their thresholds are on that "
-                             f"scale); this module has score_tokens={self.memory.score_tokens!r}: set model.score_tokens")
+            raise ValueError(f"{path}: edits were routed with score_tokens={tokens!r} (their thresholds are on "
+                             f"that scale); this module has score_tokens={self.memory.score_tokens!r}: "
+                             f"set model.score_tokens")
         self.restore_edits(tensors, meta)
 
     def restore_edits(self, tensors: dict[str, Tensor], meta: dict) -> None:
