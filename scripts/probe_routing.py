@@ -21,6 +21,15 @@ the first ``--n`` records, built with the one --setting) is scored at each act_r
 For a REPAIR run edited as one batch this is the run with ``recalibration_margin`` x
 act_ratio / 1.03 (the run's 1.03): below a margin of 1 every edit of the batch still routes at
 its merge, so error feedback would have made the same decisions.
+
+``--rescore mean|last`` (with ``--edits``) reads the routing score of the saved memory the other
+way (``score_tokens``), re-measures the threshold at ``recalibration_margin`` x the weakest edit
+as REPAIR's merge does, and prints how the scores of the edit prompts and of the unrelated
+(locality) prompts overlap before scoring. README "Design choices" (last-token routing):
+
+    python scripts/probe_routing.py --n 100 --edits runs/repair_T100_cluster20/edits --act_ratios 1.03 \
+        --rescore last --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5,
+        "act_ratio": 1.03, "stop_loss": 0.1, "max_lr_factor": 2.0, "cluster_size": 20, "score_tokens": "mean"}'
 """
 
 from __future__ import annotations
@@ -72,6 +81,24 @@ def score_thresholds(module, records, act_ratios: list[float], reference) -> dic
     return out
 
 
+def rescore(module, records, score_tokens: str) -> dict[str, float]:
+    """Read the routing score of the module's memory as ``score_tokens``, put the threshold at
+    ``recalibration_margin`` x the weakest of ``records`` (REPAIR's recalibration, no floor), and
+    return how edit prompts and unrelated prompts (each record's first locality prompt) overlap."""
+    from dataclasses import replace
+
+    module.memory.score_tokens = score_tokens
+    module._routing_floor = None
+    module.recalibrate_routing(records)
+    edits = module.in_scope_scores(records)
+    unrelated = module.in_scope_scores([replace(r, prompt=r.locality[0][0], target=r.locality[0][1])
+                                        for r in records if r.locality])
+    return {"edit_min": min(edits), "edit_median": sorted(edits)[len(edits) // 2], "unrelated_max": max(unrelated),
+            "unrelated_above_weakest_edit": sum(u > min(edits) for u in unrelated),
+            "edits_below_strongest_unrelated": sum(e < max(unrelated) for e in edits),
+            "epsilon": module.memory.epsilon}
+
+
 def print_scores(by_ratio: dict[float, dict[str, float]]) -> None:
     for ratio, m in by_ratio.items():
         print(f"  act_ratio {ratio}: Rel {m['rewrite_acc']:.3f}  Gen {m['rephrase_acc']:.3f}  Loc {m['locality']:.3f}",
@@ -89,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", action="append", required=True, help="JSON object of RepairModule arguments")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--edits", default=None, help="score this saved state (a run's edits/ folder) instead of editing")
+    parser.add_argument("--rescore", choices=["mean", "last"], default=None,
+                        help="with --edits: read the routing score this way and re-measure the threshold first")
     args = parser.parse_args(argv)
     try:
         settings = [json.loads(s) for s in args.setting]
@@ -96,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--setting is not JSON: {err}")
     if args.edits and len(settings) != 1:
         parser.error("--edits scores one saved state: give exactly one --setting (the run's)")
+    if args.rescore and not args.edits:
+        parser.error("--rescore needs --edits (a saved state to re-read)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -120,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             scores = module.in_scope_scores(records)
             print(f"{args.edits}: {len(records)} records, in-scope scores min {min(scores):.2f} "
                   f"median {sorted(scores)[len(scores) // 2]:.2f}, saved min_in_scope {module.memory.min_in_scope:.2f}")
+            if args.rescore:
+                overlap = rescore(module, records, args.rescore)
+                print(f"score_tokens={args.rescore}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                                 for k, v in overlap.items()), flush=True)
             print_scores(score_thresholds(module, records, args.act_ratios, reference))
             return 0
         out = probe(module, records, args.T, args.act_ratios, reference)

@@ -52,3 +52,17 @@ def test_saved_state_is_scored_at_each_threshold_without_editing(tmp_path):
     out = script.score_thresholds(fresh, RECORDS, [module.memory.act_ratio, 1e6], pre.locality_preds)
     assert out[module.memory.act_ratio] == pytest.approx({k: edited.means[k] for k in script.METRICS})
     assert out[1e6]["locality"] == 1.0 and out[1e6]["rewrite_acc"] == pytest.approx(pre.means["rewrite_acc"])
+
+
+def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
+    script = load_script()
+    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)  # wise: mean scores
+    for record in RECORDS:
+        module.edit(record)
+    mean_scores = module.in_scope_scores(RECORDS)
+    out = script.rescore(module, RECORDS, "last")
+    last_scores = module.in_scope_scores(RECORDS)
+    assert module.memory.score_tokens == "last" and last_scores != pytest.approx(mean_scores)
+    assert out["edit_min"] == pytest.approx(min(last_scores))
+    assert out["epsilon"] == pytest.approx(module.hparams.recalibration_margin * min(last_scores))
+    assert 0 <= out["unrelated_above_weakest_edit"] <= len(RECORDS)
