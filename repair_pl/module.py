@@ -20,7 +20,7 @@ from repair_pl.losses import distillation_loss, margin_routing_loss
 from repair_pl.models import decoder_layers, load_model
 from repair_pl.placement import PlacedStrategy, accelerator_for, check_device_map, dispatch, module_device
 from repair_pl.baselines import BASELINES, FineTunedLayer, GraceCodebook
-from repair_pl.side_memory import SideMemory
+from repair_pl.side_memory import SCORE_TOKENS, SideMemory
 
 METHODS = ("none", "wise", "repair", *BASELINES)
 
@@ -875,7 +875,7 @@ def _check_options(**options) -> None:
         elif key == "cluster_method":
             bad = value not in ("kmeans", "agglomerative")
         elif key == "score_tokens":
-            bad = value not in (None, "mean", "last")
+            bad = value is not None and value not in SCORE_TOKENS
         else:
             bad = not (optional and value is None) and (not isinstance(value, int) or value < 1)
         if bad:

@@ -32,6 +32,10 @@ from torch import Tensor, nn
 from repair_pl.merge import merge
 
 
+SCORE_TOKENS = ("mean", "last")
+"""Where a routing score is read: averaged over the routing tokens (WISE) or at the last one."""
+
+
 class SideMemory(nn.Module):
     """Replaces an ``nn.Linear`` down projection; see the module docstring for the semantics.
 
@@ -45,7 +49,7 @@ class SideMemory(nn.Module):
         super().__init__()
         if main.bias is not None:
             raise ValueError("SideMemory expects a bias-free down projection (Llama-family MLP)")
-        if score_tokens not in ("mean", "last"):
+        if score_tokens not in SCORE_TOKENS:
             raise ValueError(f"score_tokens must be 'mean' or 'last', got {score_tokens!r}")
         self.score_tokens = score_tokens
         self.main = main

@@ -172,12 +172,14 @@ def side_memory_mb(module) -> dict:
     """Sizes of what the edits occupy: ``side`` (W'; for the baselines FT-L's weight copy or
     GRACE's codebook), ``shards`` (stored shards and retrieve memories), ``total`` (also the
     merged copy and the mask)."""
+    from repair_pl.side_memory import SideMemory
+
     m = module.memory
 
     def mb(tensors) -> float:
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
-    if not hasattr(m, "shards"):  # a baseline: everything it holds beside the frozen layer
+    if not isinstance(m, SideMemory):  # a baseline: everything it holds beside the frozen layer
         side = mb(t for name, t in [*m.named_parameters(), *m.named_buffers()] if not name.startswith("main."))
         return {"side": side, "shards": 0.0, "total": side}
     side, shards = mb([m.side]), mb(list(m.shards) + list(m.memories))

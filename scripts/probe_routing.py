@@ -93,9 +93,10 @@ def rescore(module, records, score_tokens: str) -> dict[str, float]:
     edits = module.in_scope_scores(records)
     unrelated = module.in_scope_scores([replace(r, prompt=r.locality[0][0], target=r.locality[0][1])
                                         for r in records if r.locality])
-    return {"edit_min": min(edits), "edit_median": sorted(edits)[len(edits) // 2], "unrelated_max": max(unrelated),
-            "unrelated_above_weakest_edit": sum(u > min(edits) for u in unrelated),
-            "edits_below_strongest_unrelated": sum(e < max(unrelated) for e in edits),
+    weakest, strongest = min(edits), max(unrelated)
+    return {"edit_min": weakest, "edit_median": sorted(edits)[len(edits) // 2], "unrelated_max": strongest,
+            "unrelated_above_weakest_edit": sum(u > weakest for u in unrelated),
+            "edits_below_strongest_unrelated": sum(e < strongest for e in edits),
             "epsilon": module.memory.epsilon}
 
 

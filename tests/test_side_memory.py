@@ -1,5 +1,6 @@
 """SideMemory routing at generation time: the per-sequence decision and its outputs."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,7 +118,5 @@ def test_last_token_score_reads_the_last_routing_token_of_each_row():
 
 
 def test_unknown_score_tokens_is_refused():
-    import pytest
-
     with pytest.raises(ValueError, match="score_tokens"):
         SideMemory(nn.Linear(8, 4, bias=False), score_tokens="first")
