@@ -66,7 +66,7 @@ class EditCLI(LightningCLI):
     def _fit_ddp(self, model: RepairModule, datamodule: EditDataModule, config, out: Path) -> dict:
         """``trainer.devices`` > 1: one process per device (Lightning Fabric's ddp), each editing
         its share of the lifelong chunks; metrics synced (:mod:`repair_pl.distributed`)."""
-        from repair_pl.distributed import launch, run_lifelong_sharded
+        from repair_pl.distributed import launch, run_lifelong_sharded, shutdown
 
         if model.hparams.device_map is not None:
             raise ValueError("model.device_map spreads one model over several GPUs; it cannot be combined with "
@@ -79,6 +79,7 @@ class EditCLI(LightningCLI):
         summary = run_lifelong_sharded(model, datamodule.records, out, T=config.get("T"),
                                        dataset=datamodule.dataset_name, checkpoint_every=config.get("checkpoint_every"),
                                        progress=bool(trainer_cfg.get("enable_progress_bar", True)))
+        shutdown()
         if fabric.global_rank == 0:
             print(f"summary: {out / 'summary.json'}", flush=True)
         return summary

@@ -137,6 +137,8 @@ def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path,
         write_json_atomic(out / "results.json", [r for _, r in order], indent=1)
         write_json_atomic(out / "summary.json", summary, indent=1)
         (out / "summary.md").write_text(_markdown(summary))
+    if world > 1:  # every rank returns with rank 0's files on disk
+        dist.barrier()
     return summary
 
 
@@ -149,6 +151,15 @@ def launch(accelerator: str = "auto", devices: int | str = "auto", num_nodes: in
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
     fabric.launch()
     return fabric
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a run: all ranks meet, then each destroys
+    it. A rank that exits with the group still open can take a peer down with it (a gloo peer
+    was seen to end with SIGABRT after the run had finished)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _sync_device(module) -> torch.device:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from repair_pl import EditRecord, RepairModule
-from repair_pl.distributed import chunk_indices, evaluate_sharded, run_lifelong_sharded
+from repair_pl.distributed import chunk_indices, evaluate_sharded, run_lifelong_sharded, shutdown
 from repair_pl.evaluate import evaluate_records
 from repair_pl.lifelong import run_lifelong
 from repair_pl.testing import char_tokenizer, tiny_llama
@@ -28,6 +28,9 @@ def _each_rank(fabric, out_dir):
     module = _module()
     evaluated = evaluate_sharded(module, RECORDS, edited=False)
     summary = run_lifelong_sharded(module, RECORDS, out_dir, T=2, dataset="toy")
+    assert (out_dir / "summary.json").exists()  # rank 1 too: rank 0 wrote it before any rank returned
+    shutdown()
+    assert not torch.distributed.is_initialized()
     return evaluated, summary
 
 
