@@ -22,6 +22,9 @@ For a REPAIR run edited as one batch this is the run with ``recalibration_margin
 act_ratio / 1.03 (the run's 1.03): below a margin of 1 every edit of the batch still routes at
 its merge, so error feedback would have made the same decisions.
 
+For a WISE-Retrieve state (``"retrieve": true``) it also prints how many edits' prompts pick their
+own memory top-1 (edit i was written into memory i // merge_freq).
+
 ``--rescore mean|last`` (with ``--edits``) reads the routing score of the saved memory the other
 way (``score_tokens``), re-measures the threshold at ``recalibration_margin`` x the weakest edit
 as REPAIR's merge does, and prints how the scores of the edit prompts and of the unrelated
@@ -100,6 +103,22 @@ def rescore(module, records, score_tokens: str) -> dict[str, float]:
             "epsilon": module.memory.epsilon}
 
 
+@torch.no_grad()
+def retrieved_memories(module, records) -> list[int]:
+    """WISE-Retrieve: the memory each record's prompt is routed to when the threshold is ignored
+    (the best score relative to its memory's scale wins; -1 when every score is 0)."""
+    memory, previous = module.memory, (module.memory.mode, module.memory.act_ratio)
+    memory.mode, memory.act_ratio = "route", 0.0
+    choices: list[int] = []
+    try:
+        for enc in module.encoded_records(records):
+            module(enc.input_ids, enc.attention_mask, enc.prompt_mask)
+            choices += memory.last_choice.tolist()
+    finally:
+        memory.mode, memory.act_ratio = previous
+    return choices
+
+
 def print_scores(by_ratio: dict[float, dict[str, float]]) -> None:
     for ratio, m in by_ratio.items():
         print(f"  act_ratio {ratio}: Rel {m['rewrite_acc']:.3f}  Gen {m['rephrase_acc']:.3f}  Loc {m['locality']:.3f}",
@@ -156,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                 overlap = rescore(module, records, args.rescore)
                 print(f"score_tokens={args.rescore}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                                                  for k, v in overlap.items()), flush=True)
+            if module.memory.memories:  # WISE-Retrieve: does each edit's prompt find its own memory?
+                per = module.hparams.merge_freq or len(records)
+                chosen = retrieved_memories(module, records)
+                own = sum(c == i // per for i, c in enumerate(chosen))
+                counts = {k: chosen.count(k) for k in sorted(set(chosen))}
+                print(f"retrieve: {len(module.memory.memories)} memories of {per} edits; top-1 is the edit's own "
+                      f"memory for {own}/{len(records)} edits; edits per chosen memory {counts}", flush=True)
             print_scores(score_thresholds(module, records, args.act_ratios, reference))
             return 0
         out = probe(module, records, args.T, args.act_ratios, reference)

@@ -66,3 +66,20 @@ def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
     assert out["edit_min"] == pytest.approx(min(last_scores))
     assert out["epsilon"] == pytest.approx(module.hparams.recalibration_margin * min(last_scores))
     assert 0 <= out["unrelated_above_weakest_edit"] <= len(RECORDS)
+
+
+def test_retrieved_memories_follow_the_routing_choice():
+    script = load_script()
+    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY, retrieve=True, save_freq=1, merge_freq=1,
+                          merge_method="linear")
+    for record in RECORDS:
+        module.edit(record)
+    memory = module.memory
+    assert len(memory.memories) == 2
+    threshold = memory.act_ratio
+    chosen = script.retrieved_memories(module, RECORDS)
+    assert all(c in (0, 1) for c in chosen) and memory.act_ratio == threshold  # the threshold is restored
+    memory.memories.reverse()  # the same memories in the other order: every choice flips
+    memory.memory_scales.reverse()
+    memory.invalidate()
+    assert script.retrieved_memories(module, RECORDS) == [1 - c for c in chosen]
