@@ -66,3 +66,16 @@ def test_print_config():
     proc = run_cli("--config", "configs/zsre.yaml", "--print_config")
     assert proc.returncode == 0
     assert "method: wise" in proc.stdout and "ds_size: 100" in proc.stdout
+
+
+def test_wise_t100_overlay_sets_wise_and_its_t100_settings():
+    proc = run_cli("--config", "configs/zsre.yaml", "--config", "configs/wise_t100.yaml", "--print_config")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+
+    config = yaml.safe_load(proc.stdout)
+    model = config["model"]
+    assert model["method"] == "wise" and model["score_tokens"] == "last" and model["merge_method"] == "linear"
+    assert model["save_freq"] == model["merge_freq"] and model["max_steps"] < 70 and model["act_ratio"] > 1.03
+    assert config["T"] == 100 and config["data"]["ds_size"] == 100
+    assert model["cluster_size"] == 20  # the rest of zsre.yaml still applies
