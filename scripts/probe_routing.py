@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 overlap = rescore(module, records, args.rescore)
                 print(f"score_tokens={args.rescore}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                                                  for k, v in overlap.items()), flush=True)
-            if module.memory.memories:  # WISE-Retrieve: does each edit's prompt find its own memory?
+            if getattr(module.memory, "memories", None):  # WISE-Retrieve: does each edit's prompt find its own memory?
                 per = module.hparams.merge_freq or len(records)
                 chosen = retrieved_memories(module, records)
                 own = sum(c == i // per for i, c in enumerate(chosen))
