@@ -47,6 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from repair_pl.side_memory import SCORE_TOKENS  # noqa: E402
+
 METRICS = ("rewrite_acc", "rephrase_acc", "locality")
 
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", action="append", required=True, help="JSON object of RepairModule arguments")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--edits", default=None, help="score this saved state (a run's edits/ folder) instead of editing")
-    parser.add_argument("--rescore", choices=["mean", "last"], default=None,
+    parser.add_argument("--rescore", choices=SCORE_TOKENS, default=None,
                         help="with --edits: read the routing score this way and re-measure the threshold first")
     args = parser.parse_args(argv)
     try:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +72,6 @@ def test_print_config():
 def test_wise_t100_overlay_sets_wise_and_its_t100_settings():
     proc = run_cli("--config", "configs/zsre.yaml", "--config", "configs/wise_t100.yaml", "--print_config")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import yaml
-
     config = yaml.safe_load(proc.stdout)
     model = config["model"]
     assert model["method"] == "wise" and model["score_tokens"] == "last" and model["merge_method"] == "linear"
