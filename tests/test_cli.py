@@ -76,5 +76,7 @@ def test_wise_t100_overlay_sets_wise_and_its_t100_settings():
     model = config["model"]
     assert model["method"] == "wise" and model["score_tokens"] == "last" and model["merge_method"] == "linear"
     assert model["save_freq"] == model["merge_freq"] and model["max_steps"] < 70 and model["act_ratio"] > 1.03
+    zsre = yaml.safe_load((ROOT / "configs" / "zsre.yaml").read_text())["model"]
+    assert model["routing_weight"] > zsre["routing_weight"]  # the overlay's, not zsre.yaml's (T=10) weight
     assert config["T"] == 100 and config["data"]["ds_size"] == 100
     assert model["cluster_size"] == 20  # the rest of zsre.yaml still applies
