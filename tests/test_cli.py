@@ -69,6 +69,15 @@ def test_print_config():
     assert "method: wise" in proc.stdout and "ds_size: 100" in proc.stdout
 
 
+def test_wise_t10_overlay_sets_wise_with_the_last_token_score():
+    proc = run_cli("--config", "configs/zsre.yaml", "--config", "configs/wise_t10.yaml", "--print_config")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = yaml.safe_load(proc.stdout)
+    assert config["model"]["method"] == "wise" and config["model"]["score_tokens"] == "last"
+    assert config["T"] == 10 and config["data"]["ds_size"] == 10
+    assert config["model"]["act_ratio"] == yaml.safe_load((ROOT / "configs" / "zsre.yaml").read_text())["model"]["act_ratio"]
+
+
 def test_wise_t100_overlay_sets_wise_and_its_t100_settings():
     proc = run_cli("--config", "configs/zsre.yaml", "--config", "configs/wise_t100.yaml", "--print_config")
     assert proc.returncode == 0, proc.stderr[-3000:]
