@@ -63,29 +63,34 @@ def test_bad_config_fails_with_a_clear_message(tmp_path, args, message):
     assert "Traceback" not in proc.stderr  # one clear line, not a deep traceback
 
 
+def printed_config(*configs: str) -> dict:
+    """The configuration the CLI builds from ``configs`` (in order), as ``--print_config`` shows it."""
+    proc = run_cli(*(arg for c in configs for arg in ("--config", c)), "--print_config")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return yaml.safe_load(proc.stdout)
+
+
 def test_print_config():
-    proc = run_cli("--config", "configs/zsre.yaml", "--print_config")
-    assert proc.returncode == 0
-    assert "method: wise" in proc.stdout and "ds_size: 100" in proc.stdout
+    config = printed_config("configs/zsre.yaml")
+    assert config["model"]["method"] == "wise" and config["data"]["ds_size"] == 100
+
+
+def zsre_model_config() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "zsre.yaml").read_text())["model"]
 
 
 def test_wise_t10_overlay_sets_wise_with_the_last_token_score():
-    proc = run_cli("--config", "configs/zsre.yaml", "--config", "configs/wise_t10.yaml", "--print_config")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    config = yaml.safe_load(proc.stdout)
+    config = printed_config("configs/zsre.yaml", "configs/wise_t10.yaml")
     assert config["model"]["method"] == "wise" and config["model"]["score_tokens"] == "last"
     assert config["T"] == 10 and config["data"]["ds_size"] == 10
-    assert config["model"]["act_ratio"] == yaml.safe_load((ROOT / "configs" / "zsre.yaml").read_text())["model"]["act_ratio"]
+    assert config["model"]["act_ratio"] == zsre_model_config()["act_ratio"]
 
 
 def test_wise_t100_overlay_sets_wise_and_its_t100_settings():
-    proc = run_cli("--config", "configs/zsre.yaml", "--config", "configs/wise_t100.yaml", "--print_config")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    config = yaml.safe_load(proc.stdout)
+    config = printed_config("configs/zsre.yaml", "configs/wise_t100.yaml")
     model = config["model"]
     assert model["method"] == "wise" and model["score_tokens"] == "last" and model["merge_method"] == "linear"
     assert model["save_freq"] == model["merge_freq"] and model["max_steps"] < 70 and model["act_ratio"] > 1.03
-    zsre = yaml.safe_load((ROOT / "configs" / "zsre.yaml").read_text())["model"]
-    assert model["routing_weight"] > zsre["routing_weight"]  # the overlay's, not zsre.yaml's (T=10) weight
+    assert model["routing_weight"] > zsre_model_config()["routing_weight"]  # the overlay's, not zsre.yaml's (T=10) weight
     assert config["T"] == 100 and config["data"]["ds_size"] == 100
     assert model["cluster_size"] == 20  # the rest of zsre.yaml still applies
