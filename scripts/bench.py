@@ -38,8 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from repair_pl.data.datamodule import DEMO_PATH, fill_routing_prompts  # noqa: E402
-from repair_pl.data.formats import load_records  # noqa: E402
+from repair_pl.data import EditDataModule  # noqa: E402
 from repair_pl.evaluate import evaluate_records  # noqa: E402
 
 ZSRE = "data/zsre/zsre_edit_1000.json"
@@ -91,8 +90,9 @@ def release() -> None:
 
 def read_records(path: str, n: int) -> list:
     """The first ``n`` records of ``path`` (``demo`` for the bundled set), cycled when it has fewer."""
-    records, _ = load_records(DEMO_PATH if path == "demo" else path)
-    records = fill_routing_prompts(records)
+    data = EditDataModule(path)
+    data.setup()
+    records = data.records
     return [records[i % len(records)] for i in range(n)]
 
 

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/zsre/zsre_edit_1000.json")
     parser.add_argument("--n", type=int, default=100, help="records 0..n-1, one batch")
+    parser.add_argument("--routing_path", default=None,
+                        help="routing text for records without their own (data.routing_path, e.g. a train split)")
     parser.add_argument("--setting", default="{}", help="JSON object of RepairModule arguments over configs/zsre.yaml's")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--margins", type=float, nargs="+", default=[0.91])
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", default=None, help="reuse a saved pre-merge state (no editing)")
     args = parser.parse_args(argv)
 
-    from repair_pl.data.datamodule import fill_routing_prompts
-    from repair_pl.data.formats import load_records
+    from repair_pl.data import EditDataModule
     from repair_pl.evaluate import evaluate_records
     from repair_pl.models import load_model
     from repair_pl.module import RepairModule
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**model_settings(find_config("zsre")), "method": "repair", "error_feedback": False,
                 **json.loads(args.setting)}
     model, tokenizer = load_model("smollm2")
-    records = fill_routing_prompts(load_records(args.data)[0][:args.n])
+    data = EditDataModule(args.data, ds_size=args.n, routing_path=args.routing_path)
+    data.setup()
+    records = data.records
     torch.manual_seed(0)
     module = RepairModule(model, tokenizer, **settings)
     reference = evaluate_records(module.logits_fn(edited=False), tokenizer, records,

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--start", type=int, default=0, help="first record")
     parser.add_argument("--n", type=int, default=20, help="records")
+    parser.add_argument("--routing_path", default=None,
+                        help="routing text for records without their own (data.routing_path, e.g. a train split)")
     parser.add_argument("--T", type=int, default=10, help="edits per lifelong chunk")
     parser.add_argument("--act_ratios", type=float, nargs="+", default=[1.0])
     parser.add_argument("--setting", action="append", required=True, help="JSON object of RepairModule arguments")
@@ -152,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from repair_pl.data.datamodule import fill_routing_prompts
-    from repair_pl.data.formats import load_records
+    from repair_pl.data import EditDataModule
     from repair_pl.evaluate import evaluate_records
     from repair_pl.models import load_model
     from repair_pl.module import RepairModule
 
     model, tokenizer = load_model(args.model)
-    records = fill_routing_prompts(load_records(args.data)[0][:args.start + args.n])[args.start:]
+    data = EditDataModule(args.data, start=args.start, ds_size=args.n, routing_path=args.routing_path)
+    data.setup()
+    records = data.records
     reference = None
     for setting in settings:
         torch.manual_seed(0)

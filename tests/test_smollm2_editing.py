@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from repair_pl.data.datamodule import DEMO_PATH, fill_routing_prompts
-from repair_pl.data.formats import load_records
+from repair_pl.data import EditDataModule
 from repair_pl.evaluate import evaluate_records
 from repair_pl.sweep import model_settings
 
@@ -29,7 +28,9 @@ def test_three_edits_are_made_and_unrelated_answers_kept(smollm2, method):
 
     model, tokenizer = smollm2
     settings = model_settings(CONFIG)
-    records = fill_routing_prompts(load_records(DEMO_PATH)[0][:3])
+    data = EditDataModule("demo", ds_size=3)
+    data.setup()
+    records = data.records
     module = RepairModule(model, tokenizer, method=method, **settings)
     try:
         pre = evaluate_records(module.logits_fn(edited=False), tokenizer, records)
