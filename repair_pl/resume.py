@@ -24,12 +24,11 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 
-from repair_pl.checkpoint import write_json_atomic
+from repair_pl.checkpoint import remove_tree, write_json_atomic
 
 FORMAT = 1
 PROGRESS = "progress.json"
@@ -136,11 +135,11 @@ class RunCheckpoint:
         write_json_atomic(self.folder / PROGRESS, record)
         for entry in self.folder.iterdir():  # older states and leftovers of killed writes
             if entry.name not in (name, PROGRESS):
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                remove_tree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
 
     def finish(self) -> None:
         """Remove the checkpoint once the run's outputs are written."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_tree(self.folder)
 
 
 class ProgressLog:

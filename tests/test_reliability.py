@@ -69,12 +69,11 @@ def without_wall_time(obj):
 def outputs(folder: Path) -> tuple[str, str, dict, dict]:
     """results.json and summary.json without wall time (as canonical JSON text, so NaN == NaN),
     and the saved final edited state."""
-    from safetensors.torch import load_file
+    from repair_pl.checkpoint import read_state
 
     results = json.dumps(without_wall_time(json.loads((folder / "results.json").read_text())), sort_keys=True)
     summary = json.dumps(without_wall_time(json.loads((folder / "summary.json").read_text())), sort_keys=True)
-    tensors = load_file(str(folder / "edits" / "edits.safetensors"))
-    meta = json.loads((folder / "edits" / "edits.json").read_text())
+    tensors, meta = read_state(folder / "edits")
     return results, summary, tensors, meta
 
 
