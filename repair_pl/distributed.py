@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics.aggregation import MeanMetric
 
-from repair_pl.checkpoint import write_json_atomic
+from repair_pl.checkpoint import write_file_atomic, write_json_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import evaluate_records
 from repair_pl.lifelong import _markdown, _report, run_lifelong
@@ -135,8 +135,8 @@ def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path,
         out.mkdir(parents=True, exist_ok=True)
         _report("post-edit (all ranks)", post)
         write_json_atomic(out / "results.json", [r for _, r in order], indent=1)
-        write_json_atomic(out / "summary.json", summary, indent=1)
-        (out / "summary.md").write_text(_markdown(summary))
+        write_file_atomic(out / "summary.md", _markdown(summary))
+        write_json_atomic(out / "summary.json", summary, indent=1)  # last: the run is done
     if world > 1:  # every rank returns with rank 0's files on disk
         dist.barrier()
     return summary

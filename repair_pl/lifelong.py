@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from repair_pl.checkpoint import exclusive_lock, write_json_atomic
+from repair_pl.checkpoint import exclusive_lock, write_file_atomic, write_json_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import Evaluation, evaluate_records
 from repair_pl.resume import RunCheckpoint, records_sha256, run_fingerprint
@@ -45,11 +45,12 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                  pre_eval_cache: str | Path | None = None) -> dict:
     """Run the lifelong protocol with ``module`` (a :class:`~repair_pl.module.RepairModule`).
 
-    Writes ``out_dir/results.json`` (one entry per case: ``case_id``, ``requested_rewrite``,
-    ``pre``, ``post``, ``edit``), ``out_dir/summary.json``, ``out_dir/summary.md`` and the final
-    edited state ``out_dir/edits/`` (:meth:`~repair_pl.module.RepairModule.save_edits`), and
-    returns the summary. ``T=None`` edits all records as one chunk. ``skipped``: the loader's
-    errors for records it left out (``data.on_invalid: skip``), listed in the summary.
+    Writes, each atomically, ``out_dir/results.json`` (one entry per case: ``case_id``,
+    ``requested_rewrite``, ``pre``, ``post``, ``edit``), ``out_dir/summary.md``, the final
+    edited state ``out_dir/edits/`` (:meth:`~repair_pl.module.RepairModule.save_edits`) and
+    last ``out_dir/summary.json``, and returns the summary. ``T=None`` edits all records as one
+    chunk. ``skipped``: the loader's errors for records it left out (``data.on_invalid: skip``),
+    listed in the summary.
 
     ``checkpoint_every=N`` checkpoints the run into ``out_dir/checkpoint/``
     (:mod:`repair_pl.resume`) every N edits and after every chunk; calling again with the same
@@ -139,9 +140,9 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                "skipped_records": [str(err) for err in skipped or []]}
     _report("post-edit", summary["post"])
     write_json_atomic(out / "results.json", results, indent=1)
-    write_json_atomic(out / "summary.json", summary, indent=1)
-    (out / "summary.md").write_text(_markdown(summary))
+    write_file_atomic(out / "summary.md", _markdown(summary))
     module.save_edits(out / "edits")
+    write_json_atomic(out / "summary.json", summary, indent=1)  # last: a sweep takes it as "this run is done"
     if checkpoint is not None:
         checkpoint.finish()
     if logger is not None:

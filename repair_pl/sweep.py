@@ -303,6 +303,8 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
 
 def write_comparison(out: Path, notes: Sequence[str] = (), order: Sequence[str] = ()) -> Path:
     """Rewrite ``OUT/COMPARISON_SUMMARY.md`` from every finished run (rows in ``order``)."""
+    from repair_pl.checkpoint import write_file_atomic
+
     path = Path(out) / "COMPARISON_SUMMARY.md"
-    path.write_text(comparison_table(collect(out, order), notes))
+    write_file_atomic(path, comparison_table(collect(out, order), notes))
     return path

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from repair_pl.checkpoint import write_file_atomic, write_json_atomic  # noqa: E402
 from repair_pl.data import EditDataModule  # noqa: E402
 from repair_pl.evaluate import evaluate_records  # noqa: E402
 
@@ -550,8 +551,8 @@ def main(argv=None) -> dict:
 
     def show(part: str) -> None:  # print a part as soon as it is measured and save what is done
         print(_section(result, part), flush=True)
-        (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
-        (out_dir / "BENCH.md").write_text(markdown(result))
+        write_json_atomic(out_dir / "bench.json", result, indent=1)
+        write_file_atomic(out_dir / "BENCH.md", markdown(result))
 
     if "1" in args.parts:
         module = load_editor(model, dev, dtype, seed=args.seed)

@@ -125,7 +125,9 @@ def main() -> None:
 
 
 def _write(out: Path, report: dict) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    from repair_pl.checkpoint import write_file_atomic, write_json_atomic
+
+    write_json_atomic(out / "gpu_check.json", report, indent=1)
     lines = [f"# GPU check on {report['device']}", "",
              f"torch {report['torch']} (CUDA {report['cuda']}), transformers {report['transformers']}; "
              f"SmolLM2 weights: {report['weights']}; data: {report['data']}", "",
@@ -149,7 +151,7 @@ def _write(out: Path, report: dict) -> None:
         lines.append(f"- device_map run vs plain run, first chunk: {report['device_map_same_rewrite_acc_cases']} "
                      f"cases with the same post rewrite accuracy")
     lines += [f"- skipped: {s}" for s in report["skipped"]]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    write_file_atomic(out / "gpu_check.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         state = edit_batch(module, records)
         if args.dump:
-            torch.save(state, args.dump)
+            import io
+
+            from repair_pl.checkpoint import write_file_atomic
+
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            write_file_atomic(args.dump, buffer.getvalue())
     print(f"{len(state['shards'])} shards, {sum(state['success'])}/{len(records)} edits succeeded, "
           f"{state['steps'] / len(records):.1f} steps and {state['seconds'] / len(records):.2f} s per edit; "
           f"shard losses {[round(x, 3) for x in state['losses']]}", flush=True)

@@ -127,6 +127,33 @@ def test_rerun_finishes_only_the_missing_run(tmp_path, capsys):
     assert table.index("| wise |") < table.index("| none |")  # rows in the order of --methods
 
 
+class Killed(BaseException):
+    """Stands in for the process dying: the sweep does not catch it."""
+
+
+def test_a_run_killed_before_its_outputs_are_all_written_is_not_taken_as_done(tmp_path, monkeypatch, capsys):
+    from repair_pl.module import RepairModule
+
+    runs, _ = plan(["demo"], ["wise"], [2])
+    out, folder = tmp_path / "sweep", runs[0].folder(tmp_path / "sweep")
+    extra = ["--model.model", "tiny-random", *TINY[1:]]
+    real = RepairModule.save_edits
+
+    def killed_at_the_final_state(self, path):
+        if Path(path) == folder / "edits":  # checkpoints go through; the run's last output does not
+            raise Killed
+        return real(self, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RepairModule, "save_edits", killed_at_the_final_state)
+        with pytest.raises(Killed):
+            run_sweep(runs, out, extra)
+    capsys.readouterr()
+    assert run_sweep(runs, out, extra) == []
+    assert f"run {folder}" in capsys.readouterr().out  # redone, not skipped as done
+    assert (folder / "edits").is_dir() and (folder / "summary.md").is_file() and (folder / "summary.json").is_file()
+
+
 def test_jobs_run_side_by_side_in_processes_with_their_own_logs(tmp_path, capsys):
     compare = load_compare()
     out = tmp_path / "sweep"
