@@ -1,4 +1,4 @@
-"""scripts/probe_routing.py: one edit pass scored at several routing thresholds."""
+"""tools/probe_routing.py: one edit pass scored at several routing thresholds."""
 
 import importlib.util
 from pathlib import Path
@@ -12,7 +12,7 @@ from repair_pl.testing import char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_routing.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "probe_routing.py"
 TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=30, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
             norm_constraint=None, eval_batch_size=4)
 RECORDS = [EditRecord("capital of fr?", "xyz", rephrases=("fr capital?",), locality=(("who is bob", "abc"),),

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """GPU check: short lifelong ZsRE runs on CUDA through the normal command line, recording the
-device, seconds per edit and peak GPU memory. Started by ``scripts/gpu_check.sh`` (which finds
+device, seconds per edit and peak GPU memory. Started by ``tools/gpu_check.sh`` (which finds
 the model, data and wheels); writes ``OUT/gpu_check.json`` after every run and
 ``OUT/gpu_check.md`` at the end.
 
-    python scripts/gpu_check.py --out runs/gpu_check --smollm2 smollm2 [--llama PATH] [--data FILE]
+    python tools/gpu_check.py --out runs/gpu_check --smollm2 smollm2 [--llama PATH] [--data FILE]
 """
 
 from __future__ import annotations

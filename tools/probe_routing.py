@@ -3,7 +3,7 @@
 setting, then score each chunk's final memory at several routing thresholds (act_ratio only
 changes evaluation, so one edit pass serves every threshold). Loads the model once.
 
-    python scripts/probe_routing.py --n 20 --T 10 --act_ratios 1.0 1.03 1.06 \\
+    python tools/probe_routing.py --n 20 --T 10 --act_ratios 1.0 1.03 1.06 \\
         --setting '{"method": "wise", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}' \\
         --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}'
 
@@ -15,7 +15,7 @@ settings were chosen.
 With ``--edits RUN/edits`` nothing is edited: the saved state of a finished run (one chunk of
 the first ``--n`` records, built with the one --setting) is scored at each act_ratio:
 
-    python scripts/probe_routing.py --n 100 --edits runs/repair_T100/edits --act_ratios 1.03 1.1 \
+    python tools/probe_routing.py --n 100 --edits runs/repair_T100/edits --act_ratios 1.03 1.1 \
         --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}'
 
 For a REPAIR run edited as one batch this is the run with ``recalibration_margin`` x
@@ -30,7 +30,7 @@ way (``score_tokens``), re-measures the threshold at ``recalibration_margin`` x 
 as REPAIR's merge does, and prints how the scores of the edit prompts and of the unrelated
 (locality) prompts overlap before scoring. README "Design choices" (last-token routing):
 
-    python scripts/probe_routing.py --n 100 --edits runs/repair_T100_cluster20/edits --act_ratios 1.03 \
+    python tools/probe_routing.py --n 100 --edits runs/repair_T100_cluster20/edits --act_ratios 1.03 \
         --rescore last --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5,
         "act_ratio": 1.03, "stop_loss": 0.1, "max_lr_factor": 2.0, "cluster_size": 20, "score_tokens": "mean"}'
 """

@@ -4,8 +4,8 @@ error feedback off, keep the shards as they were just before the merge, then mer
 several ways and score each merged memory (Rel / Gen / Loc, edits fully predicted). One edit
 pass serves every variant; ``--dump`` keeps it on disk and ``--load`` reuses it.
 
-    python scripts/probe_merge.py --n 100 --dump runs/probe_merge_T100.pt
-    python scripts/probe_merge.py --n 100 --load runs/probe_merge_T100.pt --scales 1.0 1.5 --margins 0.91 1.0
+    python tools/probe_merge.py --n 100 --dump runs/probe_merge_T100.pt
+    python tools/probe_merge.py --n 100 --load runs/probe_merge_T100.pt --scales 1.0 1.5 --margins 0.91 1.0
 
 Variants: each shard alone (the edits of shard k scored on ``W + tau_k``: what the merge could
 keep at best), the loss-aware merge (REPAIR's default), and uniform weights times each of
