@@ -208,12 +208,12 @@ def _segment_size(module, checkpoint_every: int | None) -> int | None:
     """Edits per ``edit_stream`` call: REPAIR's between-batch callbacks need whole edit batches
     (``None``: the whole chunk); otherwise edits are independent and the run can stop every
     ``checkpoint_every`` edits."""
-    from repair_pl.callbacks import EditStreamCallback
+    from repair_pl.components import EditStreamCallback
 
     batched = any(getattr(type(cb), hook, None) is not getattr(EditStreamCallback, hook)
                   for cb in module.edit_callbacks if isinstance(cb, EditStreamCallback)
                   for hook in ("on_edit_batch_start", "on_edit_batch_end"))
-    return module.hparams.edit_batch_size if batched else checkpoint_every
+    return module.components.edit_batch_size if batched else checkpoint_every
 
 
 def _bar(total: int, done: int):

@@ -47,13 +47,24 @@ def run_fingerprint(module, records: list, T: int) -> dict:
     return {"hparams": hparams, "T": T, "n_records": len(records), "records_sha256": records_sha256(records)}
 
 
+def _first_change(saved, current, prefix: str) -> str | None:
+    """The first leaf (``a.b.c``) whose value differs between two nested dicts."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in sorted(set(saved) | set(current)):
+            change = _first_change(saved.get(name), current.get(name), f"{prefix}.{name}")
+            if change is not None:
+                return change
+        return None
+    return None if saved == current else f"{prefix} was {saved!r}, now {current!r}"
+
+
 def _difference(saved: dict, current: dict) -> str | None:
     """The first key whose value differs, phrased for an error message."""
     for key in sorted(set(saved) | set(current)):
         if key == "hparams":
-            for name in sorted(set(saved[key]) | set(current[key])):
-                if saved[key].get(name) != current[key].get(name):
-                    return f"model.{name} was {saved[key].get(name)!r}, now {current[key].get(name)!r}"
+            change = _first_change(saved[key], current[key], "model")
+            if change is not None:
+                return change
         elif saved.get(key) != current.get(key):
             return ("the data records differ" if key == "records_sha256"
                     else f"{key} was {saved.get(key)!r}, now {current.get(key)!r}")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from repair_pl import EditRecord, RepairModule
+from repair_pl.presets import preset
 from repair_pl.distributed import chunk_indices, evaluate_sharded, run_lifelong_sharded, shutdown
 from repair_pl.evaluate import evaluate_records
 from repair_pl.lifelong import run_lifelong
@@ -20,7 +21,7 @@ RECORDS = [EditRecord(prompt=f"Who leads firm {c}?", target=t, rephrases=(f"Boss
 
 
 def _module():
-    return RepairModule(tiny_llama(), char_tokenizer(), **HP)
+    return RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **HP))
 
 
 def _each_rank(fabric, out_dir):

@@ -7,6 +7,7 @@ from repair_pl.data import EditRecord
 from repair_pl.evaluate import encode_pairs
 from repair_pl.merge import ties_merge
 from repair_pl.module import RepairModule
+from repair_pl.presets import preset
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 A = EditRecord("capital of fr?", "xyz", rephrases=("fr capital?",), locality=(("who is bob", "abc"),),
@@ -20,8 +21,8 @@ TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=40, alpha=1.0, beta=5.0, g
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
-def make(**kwargs) -> RepairModule:
-    return RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, **kwargs})
+def make(method: str = "wise", **kwargs) -> RepairModule:
+    return RepairModule(tiny_llama(), char_tokenizer(), **preset(method, **{**TINY, **kwargs}))
 
 
 def target_loss(module: RepairModule, record: EditRecord, edited: bool = True) -> float:
@@ -160,11 +161,13 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 
 def test_save_load_round_trip_keeps_the_disjoint_mask_plan(tmp_path):
-    module = make(max_steps=2, save_freq=1, disjoint_masks=True)
+    module = make(max_steps=2, save_freq=1)
+    module.memory.disjoint = True  # as REPAIR's distribution-aware memory sets it
     module.memory.plan_shards(4)
     module.edit(A)
     module.save_edits(tmp_path / "edits")
-    fresh = make(max_steps=2, save_freq=1, disjoint_masks=True)
+    fresh = make(max_steps=2, save_freq=1)
+    fresh.memory.disjoint = True
     fresh.load_edits(tmp_path / "edits")
     assert fresh.memory.shard_ratio == module.memory.shard_ratio == 0.25
     assert torch.equal(fresh.memory.used, module.memory.used) and fresh.memory.used.any()
@@ -182,10 +185,10 @@ def test_loading_edits_into_another_model_fails_clearly(tmp_path):
     module = make(max_steps=2)
     module.edit(A)
     module.save_edits(tmp_path / "edits")
-    other = RepairModule(tiny_llama(layers=6), char_tokenizer(), **{**TINY, "layer": 2})
+    other = RepairModule(tiny_llama(layers=6), char_tokenizer(), **preset("wise", **TINY))
     with pytest.raises(ValueError, match="6 layers"):
         other.load_edits(tmp_path / "edits")
-    wider = RepairModule(tiny_llama(hidden=64), char_tokenizer(), **TINY)
+    wider = RepairModule(tiny_llama(hidden=64), char_tokenizer(), **preset("wise", **TINY))
     with pytest.raises(ValueError, match="down projection"):
         wider.load_edits(tmp_path / "edits")
     with pytest.raises(FileNotFoundError, match="no saved edits"):
@@ -195,11 +198,11 @@ def test_loading_edits_into_another_model_fails_clearly(tmp_path):
         last.load_edits(tmp_path / "edits")
 
 
-def test_score_tokens_default_follows_the_method():
+def test_score_tokens_of_each_preset():
     assert make(method="wise").memory.score_tokens == "mean"  # WISE as published
     assert make(method="repair").memory.score_tokens == "last"
     assert make(method="repair", score_tokens="mean").memory.score_tokens == "mean"
-    with pytest.raises(ValueError, match="model.score_tokens"):
+    with pytest.raises(ValueError, match="SideMemory.score_tokens"):
         make(score_tokens="max")
 
 
@@ -217,7 +220,7 @@ def test_prompt_weight_splits_the_target_loss_between_bare_and_prefixed_prompts(
     assert bare == pytest.approx(target_loss(bare_only, A), rel=1e-4)  # the bare prompt's own CE
     assert half == pytest.approx(0.5 * bare + 0.5 * prefixed, rel=1e-5)
     assert token_mean != pytest.approx(half)  # None is the plain mean over all answer tokens
-    with pytest.raises(ValueError, match="model.prompt_weight"):
+    with pytest.raises(ValueError, match="SideMemory.prompt_weight"):
         make(prompt_weight=1.5)
 
 
@@ -227,7 +230,7 @@ def test_unwrap_model_puts_the_frozen_layer_back_for_another_module():
     module.unwrap_model()
     layer = module.model.model.layers[module.layer].mlp
     assert layer.down_proj is main
-    again = RepairModule(module.model, module.tokenizer, **TINY)  # wraps the plain layer, not the side memory
+    again = RepairModule(module.model, module.tokenizer, **preset("wise", **TINY))  # wraps the plain layer
     assert again.memory.main is main
 
 
@@ -239,10 +242,11 @@ def test_config_errors_name_the_key():
 
 
 def test_method_none_does_not_edit():
-    module = make(method="none")
-    side = module.memory.side.detach().clone()
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="none", layer=2)
+    before = [p.clone() for p in module.model.parameters()]
     result = module.edit(A)
-    assert result.steps == 0 and torch.equal(side, module.memory.side)
+    assert module.memory is None and result.steps == 0 and not result.success
+    assert all(torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
 
 
 def test_reset_edits_restores_the_unedited_model():
@@ -266,12 +270,12 @@ def test_in_scope_scores_batched_and_from_the_edit_batch_match_one_by_one():
 
 def _stream_with_one_reedit(monkeypatch, cache_mb: float):
     """A and B in one REPAIR batch; error feedback's scripted re-check fails A once, so A is re-edited."""
-    from repair_pl.callbacks import memory
+    from repair_pl.components import error_feedback
 
     module = make(method="repair", progressive=False, closed_loop=False, cluster_size=1, max_retries=1)
     module.lower_cache_mb = cache_mb
     script = iter([[False, True], [True, True]])
-    monkeypatch.setattr(memory, "rewrite_correct", lambda module, records: next(script))
+    monkeypatch.setattr(error_feedback, "rewrite_correct", lambda module, records: next(script))
     calls = []
     original = module.lower_states
     monkeypatch.setattr(module, "lower_states", lambda batch: calls.append(1) or original(batch))

@@ -7,7 +7,8 @@ import pytest
 
 from repair_pl.data import EditDataModule
 from repair_pl.evaluate import evaluate_records
-from repair_pl.sweep import model_settings
+from repair_pl.cli import module_arguments
+from repair_pl.sweep import method_args
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zsre.yaml"
 
@@ -28,11 +29,11 @@ def test_three_edits_are_made_and_unrelated_answers_kept(smollm2, method):
     from repair_pl.module import RepairModule
 
     model, tokenizer = smollm2
-    settings = model_settings(CONFIG)
+    settings = module_arguments(CONFIG, *method_args(method)[1:])
     data = EditDataModule("demo", ds_size=3)
     data.setup()
     records = data.records
-    module = RepairModule(model, tokenizer, method=method, **settings)
+    module = RepairModule(model, tokenizer, **settings)
     try:
         pre = evaluate_records(module.logits_fn(edited=False), tokenizer, records)
         results = [result for _, result in module.edit_stream(records, progress=False)]
