@@ -326,3 +326,54 @@ def test_out_of_scope_rows_stop_at_the_edited_layer_without_changing_the_step():
     for key in ("loss", "edit_loss", "routing_loss", "out_scope"):
         torch.testing.assert_close(losses[key], full[key])
     torch.testing.assert_close(cut_grad, module.memory.side.grad)
+
+
+def test_generate_leaves_the_tokenizer_and_the_memory_mode_as_it_found_them():
+    module = make()
+    module.edit(A)
+    module.tokenizer.padding_side, module.memory.mode = "left", "off"
+    module.generate([A.prompt, "who is bob"], max_new_tokens=2)
+    assert module.tokenizer.padding_side == "left" and module.memory.mode == "off"
+    module.tokenizer.padding_side = "right"
+    module.generate([A.prompt], max_new_tokens=2)
+    assert module.tokenizer.padding_side == "right"
+
+
+def test_writing_prefixes_restores_the_rng_and_the_mode_even_when_generation_fails(monkeypatch):
+    module = make()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    module.prepare_edit(A)  # writes the context prefixes with seeded sampling
+    assert torch.equal(torch.get_rng_state(), state)
+    fresh = make()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(fresh.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        fresh.prepare_edit(A)
+    assert fresh.memory.mode == "route" and fresh.memory.prefixes is None
+
+
+def test_a_reedit_does_not_add_its_routing_prompt_to_the_negatives_again():
+    module = make(n_negatives=3, max_steps=2)
+    module.edit(A)
+    module.reedit(A)
+    module.reedit(A)
+    assert len(module.memory.negatives) == 1
+    module.edit(B)
+    assert len(module.memory.negatives) == 2
+
+
+def test_a_record_without_routing_prompt_gets_text_the_frozen_model_wrote():
+    record = EditRecord("capital of fr?", "xyz", locality=(("who is bob", "abc"),))
+    module, other = make(), make()
+    batch = module.prepare_edit(record)
+    row = batch["other_rows"][0]
+    out_row = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+    text, pool = module.memory.generated_routing_text(record, module), module.memory.routing_pool
+    assert len(pool) == 32 and text in pool and out_row == module.tokenizer([text]).input_ids[0]
+    assert "who is bob" not in text and record.prompt not in text
+    other.prepare_edit(record)
+    assert other.memory.routing_pool == pool  # seeded: the same texts in every module of this seed
