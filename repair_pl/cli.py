@@ -13,6 +13,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from repair_pl.data import EditDataModule
+from repair_pl.generation import GenerationCheck
 from repair_pl.lifelong import check_run_options, run_lifelong
 from repair_pl.module import RepairModule
 from repair_pl.tracking import default_offline, finish_run, log_summary_table, sweep_run_dir
@@ -35,6 +36,9 @@ class EditCLI(LightningCLI):
         parser.add_argument("--pre_eval_cache", type=str | None, default=None,
                             help="folder for the unedited model's evaluation: reused when the model, evaluation "
                                  "settings and records match (a sweep shares one across methods; one process only)")
+        parser.add_argument("--generation", type=bool, default=False,
+                            help="also generate each answer greedily (plain and with the chat template) and score "
+                                 "exact match and unchanged locality answers (docs/evaluation.md)")
 
     def before_instantiate_classes(self) -> None:
         """Check the run's own options before the model is loaded."""
@@ -57,7 +61,8 @@ class EditCLI(LightningCLI):
         summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
                                logger=self.trainer.logger or None, checkpoint_every=config.get("checkpoint_every"),
                                skipped=datamodule.skipped, pre_eval_cache=config.get("pre_eval_cache"),
-                               progress=bool(trainer_cfg.get("enable_progress_bar", True)))
+                               progress=bool(trainer_cfg.get("enable_progress_bar", True)),
+                               generation=GenerationCheck() if config.get("generation") else None)
         log_summary_table(self.trainer.logger, summary)
         finish_run()  # one W&B run per lifelong run, also when a sweep runs several in one process
         print(f"summary: {out / 'summary.json'}", flush=True)
@@ -78,7 +83,8 @@ class EditCLI(LightningCLI):
         datamodule.setup("fit")
         summary = run_lifelong_sharded(model, datamodule.records, out, T=config.get("T"),
                                        dataset=datamodule.dataset_name, checkpoint_every=config.get("checkpoint_every"),
-                                       progress=bool(trainer_cfg.get("enable_progress_bar", True)))
+                                       progress=bool(trainer_cfg.get("enable_progress_bar", True)),
+                                       generation=GenerationCheck() if config.get("generation") else None)
         shutdown()
         if fabric.global_rank == 0:
             print(f"summary: {out / 'summary.json'}", flush=True)
