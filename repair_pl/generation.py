@@ -7,7 +7,7 @@ edit prompt, rephrasing and locality prompt greedily, as a user would see it:
 - the budget is the expected answer's token count plus ``GenerationCheck.extra_tokens``, so an
   answer that runs on past the target shows as such;
 - generation ends at the first special token (end of sequence or of turn); the decoded text is
-  then cut (:func:`cut_answer`): leading whitespace dropped, the first line kept;
+  then cut (:func:`cut_answer`): its first line that holds a letter or digit;
 - rewrite and rephrase: exact match of the normalised answer with the target
   (:func:`normalize_answer`, SQuAD's rule);
 - locality: whether the normalised answer equals the unedited model's (the pre-edit run's
@@ -72,9 +72,13 @@ def exact_match_answer(answer: str, target: str) -> float:
 
 
 def cut_answer(text: str) -> str:
-    """The answer in a generated continuation: leading whitespace (a newline included) dropped,
-    then the first line, stripped."""
-    return text.lstrip().split("\n", 1)[0].strip()
+    """The answer in a generated continuation: its first line that holds a letter or digit,
+    stripped ("" when none does). Lines before it are blank or punctuation only: a plain prompt
+    without its question mark is often continued with "?" and the answer follows on a new line."""
+    for line in text.split("\n"):
+        if any(ch.isalnum() for ch in line):
+            return line.strip()
+    return ""
 
 
 def chat_prompt(tokenizer, question: str) -> str:

@@ -61,12 +61,14 @@ def test_exact_match_after_normalisation():
     assert exact_match_answer("", "Tim Cook") == 0.0
 
 
-def test_answer_is_the_first_line_after_leading_whitespace():
+def test_answer_is_the_first_line_with_a_letter_or_digit():
     assert cut_answer(" Tim Cook") == "Tim Cook"
     assert cut_answer("\n\nSatya Nadella\nQ: who else?") == "Satya Nadella"
     assert cut_answer(" Tim Cook, Tim Cook, Tim Cook") == "Tim Cook, Tim Cook, Tim Cook"
     assert cut_answer("Paris  \n") == "Paris"
-    assert cut_answer(" \n ") == "" and cut_answer("") == ""
+    assert cut_answer("?\n\nThe answer is: Crema\nmore") == "The answer is: Crema"  # the question's "?" first
+    assert cut_answer(" 1997.\nlater") == "1997."
+    assert cut_answer(" \n ") == "" and cut_answer("") == "" and cut_answer("?\n!") == ""
 
 
 def test_generation_ends_at_the_first_special_token():
