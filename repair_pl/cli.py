@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from repair_pl.checkpoint import write_file_atomic
 from repair_pl.data import EditDataModule
+from repair_pl.generation import GenerationCheck
 from repair_pl.lifelong import check_run_options, run_lifelong
 from repair_pl.module import RepairModule
 from repair_pl.tracking import default_offline, finish_run, log_summary_table, sweep_run_dir
@@ -39,6 +40,9 @@ class EditCLI(LightningCLI):
         parser.add_argument("--generation_examples", type=int, default=0,
                             help="after the run, print what the model generates before and after editing for this "
                                  "many edited prompts (and one unrelated one)")
+        parser.add_argument("--generation", type=bool, default=False,
+                            help="also generate each answer greedily (plain and with the chat template) and score "
+                                 "exact match and unchanged locality answers (docs/evaluation.md)")
 
     def before_instantiate_classes(self) -> None:
         """Check the run's own options before the model is loaded."""
@@ -67,7 +71,8 @@ class EditCLI(LightningCLI):
         summary = run_lifelong(model, datamodule.records, out, T=config.get("T"), dataset=datamodule.dataset_name,
                                logger=self.trainer.logger or None, checkpoint_every=config.get("checkpoint_every"),
                                skipped=datamodule.skipped, pre_eval_cache=config.get("pre_eval_cache"),
-                               progress=progress)
+                               progress=progress,
+                               generation=GenerationCheck() if config.get("generation") else None)
         if config.get("generation_examples"):
             print_generation_examples(model, datamodule.records, config["generation_examples"], out)
         log_summary_table(self.trainer.logger, summary)
@@ -90,7 +95,8 @@ class EditCLI(LightningCLI):
         datamodule.setup("fit")
         summary = run_lifelong_sharded(model, datamodule.records, out, T=config.get("T"),
                                        dataset=datamodule.dataset_name, checkpoint_every=config.get("checkpoint_every"),
-                                       progress=trainer_cfg.get("enable_progress_bar") is not False)
+                                       progress=trainer_cfg.get("enable_progress_bar") is not False,
+                                       generation=GenerationCheck() if config.get("generation") else None)
         shutdown()
         if fabric.global_rank == 0:
             print(f"summary: {out / 'summary.json'}", flush=True)

@@ -12,10 +12,13 @@ from pathlib import Path
 from repair_pl.checkpoint import exclusive_lock, write_file_atomic, write_json_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import Evaluation, evaluate_records
+from repair_pl.generation import (MEAN_KEYS, GenerationCheck, evaluate_generation, generation_means,
+                                  generation_scores, generation_summary, module_generate_fn)
 from repair_pl.resume import RunCheckpoint, records_sha256, run_fingerprint
 
 SUMMARY_KEYS = ("rewrite_acc", "rephrase_acc", "locality")
 EXTRA_KEYS = ("ood_acc", "rewrite_ppl")  # shown when the data has them: Temporal's OOD rephrases, target perplexity
+GEN_KEYS = tuple(MEAN_KEYS.values()) + tuple(f"{k}_chat" for k in MEAN_KEYS.values())  # with generation on
 
 
 def case_means(cases: list[dict]) -> dict[str, float]:
@@ -26,6 +29,8 @@ def case_means(cases: list[dict]) -> dict[str, float]:
         for key in pools:
             values = case["locality"]["neighborhood_acc"] if key == "locality" else case.get(key, [])
             pools[key] += [v for v in values if not math.isnan(v)]
+        for key, values in generation_scores(case.get("gen")).items():
+            pools.setdefault(key, []).extend(values)
     return {k: sum(v) / len(v) for k, v in pools.items() if v}
 
 
@@ -35,14 +40,31 @@ def _markdown(summary: dict) -> str:
     for stage in ("pre", "post"):
         rows.append(f"| {stage} | " + " | ".join(f"{summary[stage].get(k, float('nan')):.4f}" for k in keys) + " |")
     return (f"# {summary['method']} on {summary['dataset']} (T={summary['T']}, {summary['n_edits']} edits)\n\n"
-            + "\n".join(rows) + f"\n\nseconds per edit: {summary['seconds_per_edit']:.3f}; "
+            + "\n".join(rows) + _generation_markdown(summary)
+            + f"\n\nseconds per edit: {summary['seconds_per_edit']:.3f}; "
             f"steps per edit: {summary['steps_per_edit']:.2f}; failed edits: {summary['n_failed']}\n")
+
+
+def _generation_markdown(summary: dict) -> str:
+    """The generated-answer columns (docs/evaluation.md), when the run has them."""
+    if "generation" not in summary:
+        return ""
+    names = list(MEAN_KEYS.values())
+    rows = ["| | template | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for stage in ("pre", "post"):
+        for template, suffix in (("plain", ""), ("chat", "_chat")):
+            if template in summary["generation"]["templates"]:
+                rows.append(f"| {stage} | {template} | " + " | ".join(
+                    f"{summary[stage].get(k + suffix, float('nan')):.4f}" for k in names) + " |")
+    note = "" if "chat" in summary["generation"]["templates"] else f"\n\nchat template: {summary['generation']['chat']}"
+    return ("\n\nGenerated answers (greedy, exact match after normalisation; locality_gen: answer unchanged from "
+            "the unedited model's; docs/evaluation.md):\n\n" + "\n".join(rows) + note)
 
 
 def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int | None = None,
                  dataset: str = "custom", logger=None, progress: bool = True,
                  checkpoint_every: int | None = None, skipped: list | None = None,
-                 pre_eval_cache: str | Path | None = None) -> dict:
+                 pre_eval_cache: str | Path | None = None, generation: GenerationCheck | None = None) -> dict:
     """Run the lifelong protocol with ``module`` (a :class:`~repair_pl.module.RepairModule`).
 
     Writes, each atomically, ``out_dir/results.json`` (one entry per case: ``case_id``,
@@ -61,6 +83,11 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
 
     ``pre_eval_cache`` (a folder): reuse the unedited model's evaluation from there, or store it
     there (:func:`pre_edit_evaluation`); a sweep shares one across its methods.
+
+    ``generation``: also generate the answers greedily and score them (:mod:`repair_pl.generation`,
+    docs/evaluation.md); each case's ``pre`` and ``post`` get a ``"gen"`` entry, the summary the
+    means ``rewrite_gen_em``, ``rephrase_gen_em``, ``locality_gen`` (and ``..._chat``) and a
+    ``"generation"`` entry with the settings. ``None``: teacher-forced scores only.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,10 +95,11 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
     T = T or len(records)
     tok, batch = module.tokenizer, module.hparams.eval_batch_size
     max_length, device = module.hparams.max_length, module.device
-    checkpoint = RunCheckpoint(out / "checkpoint", run_fingerprint(module, records, T)) if checkpoint_every else None
+    checkpoint = (RunCheckpoint(out / "checkpoint", run_fingerprint(module, records, T, generation))
+                  if checkpoint_every else None)
     state = checkpoint.load(module) if checkpoint is not None else None
     if state is None:
-        pre = pre_edit_evaluation(module, records, pre_eval_cache, progress)
+        pre = pre_edit_evaluation(module, records, pre_eval_cache, progress, generation)
         state = {"chunk": 0, "position": 0, "logged": 0, "edits": [], "results": [], "steps": 0, "seconds": 0.0,
                  "pre": asdict(pre)}
     else:
@@ -124,6 +152,12 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
             bar.close()
         post = evaluate_records(module.logits_fn(edited=True), tok, chunk, reference=pre.locality_preds[start: start + T],
                                 batch_size=batch, max_length=max_length, device=device, progress=progress)
+        if generation is not None:  # the unedited model's answers are the locality reference
+            entries = evaluate_generation(module_generate_fn(module, edited=True), tok, chunk,
+                                          reference=[case["gen"] for case in pre.cases[start: start + T]],
+                                          check=generation, batch_size=batch, progress=progress)
+            for case, entry in zip(post.cases, entries):
+                case["gen"] = entry
         for i, record in enumerate(chunk):
             state["results"].append({"case_id": record.case_id, "requested_rewrite": record.requested_rewrite(),
                                      "pre": pre.cases[start + i], "post": post.cases[i], "edit": state["edits"][i]})
@@ -138,6 +172,8 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                "seconds_per_edit": seconds / n, "steps_per_edit": steps / n, "n_failed": len(failed),
                "failed_case_ids": failed, "interventions": module.intervention_counts(),
                "skipped_records": [str(err) for err in skipped or []]}
+    if generation is not None:
+        summary["generation"] = generation_summary(tok, generation)
     _report("post-edit", summary["post"])
     write_json_atomic(out / "results.json", results, indent=1)
     write_file_atomic(out / "summary.md", _markdown(summary))
@@ -154,7 +190,7 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
 
 
 def pre_edit_evaluation(module, records: list[EditRecord], cache: str | Path | None = None,
-                        progress: bool = False) -> Evaluation:
+                        progress: bool = False, generation: GenerationCheck | None = None) -> Evaluation:
     """The unedited model's evaluation of ``records`` (also the locality reference).
 
     With ``cache`` (a folder) it is read from ``cache/pre_edit_<key>.json`` when there, else
@@ -162,13 +198,16 @@ def pre_edit_evaluation(module, records: list[EditRecord], cache: str | Path | N
     dtype and placement, the evaluation settings and the records. Every method starts from the
     same unedited model, so a sweep scores it once per dataset and T instead of once per run.
     A model passed as an object has no name to key on, so it is always scored.
+    ``generation``: the generated answers too (each case's ``"gen"``, see :func:`run_lifelong`).
     """
     hp = module.hparams
     if cache is None or not isinstance(hp.get("model"), str):
-        return _evaluate_unedited(module, records, progress)
+        return _evaluate_unedited(module, records, progress, generation)
     key = {"model": hp.model, "dtype": str(hp.dtype), "device": module.device.type, "device_map": repr(hp.device_map),
            "max_length": hp.max_length, "eval_batch_size": hp.eval_batch_size,
            "records_sha256": records_sha256(records)}
+    if generation is not None:  # absent when off, so the teacher-forced-only entries keep their keys
+        key["generation"] = generation.key()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache) / f"pre_edit_{digest}.json"
     # Runs of a sweep side by side (--jobs) wait for the first to score it instead of each scoring it.
@@ -176,15 +215,23 @@ def pre_edit_evaluation(module, records: list[EditRecord], cache: str | Path | N
         if path.is_file():
             print(f"pre-edit evaluation read from {path}", flush=True)
             return Evaluation(**json.loads(path.read_text()))
-        pre = _evaluate_unedited(module, records, progress)
+        pre = _evaluate_unedited(module, records, progress, generation)
         write_json_atomic(path, asdict(pre), indent=1)
     return pre
 
 
-def _evaluate_unedited(module, records: list[EditRecord], progress: bool) -> Evaluation:
+def _evaluate_unedited(module, records: list[EditRecord], progress: bool,
+                       generation: GenerationCheck | None = None) -> Evaluation:
     hp = module.hparams
-    return evaluate_records(module.logits_fn(edited=False), module.tokenizer, records, batch_size=hp.eval_batch_size,
-                            max_length=hp.max_length, device=module.device, progress=progress)
+    pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, records, batch_size=hp.eval_batch_size,
+                           max_length=hp.max_length, device=module.device, progress=progress)
+    if generation is not None:
+        entries = evaluate_generation(module_generate_fn(module, edited=False), module.tokenizer, records,
+                                      check=generation, batch_size=hp.eval_batch_size, progress=progress)
+        for case, entry in zip(pre.cases, entries):
+            case["gen"] = entry
+        pre.means.update(generation_means(entries))
+    return pre
 
 
 def edit_score(means: dict[str, float]) -> float:
@@ -223,4 +270,5 @@ def _bar(total: int, done: int):
 
 
 def _report(stage: str, means: dict[str, float]) -> None:
-    print(f"{stage}: " + "  ".join(f"{k}={means[k]:.4f}" for k in SUMMARY_KEYS + EXTRA_KEYS if k in means), flush=True)
+    print(f"{stage}: " + "  ".join(f"{k}={means[k]:.4f}" for k in SUMMARY_KEYS + EXTRA_KEYS + GEN_KEYS if k in means),
+          flush=True)

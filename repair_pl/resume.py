@@ -41,10 +41,15 @@ def records_sha256(records: list) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def run_fingerprint(module, records: list, T: int) -> dict:
-    """What must not change between a run and its resumption: hyperparameters, T, the records."""
+def run_fingerprint(module, records: list, T: int, generation=None) -> dict:
+    """What must not change between a run and its resumption: hyperparameters, T, the records,
+    and the generated-answer evaluation (``generation``, a
+    :class:`~repair_pl.generation.GenerationCheck`: the pre-edit answers are its reference)."""
     hparams = json.loads(json.dumps(dict(module.hparams), default=repr, sort_keys=True))
-    return {"hparams": hparams, "T": T, "n_records": len(records), "records_sha256": records_sha256(records)}
+    fingerprint = {"hparams": hparams, "T": T, "n_records": len(records), "records_sha256": records_sha256(records)}
+    if generation is not None:  # absent when off, so checkpoints written without it still resume
+        fingerprint["generation"] = generation.key()
+    return fingerprint
 
 
 def _first_change(saved, current, prefix: str) -> str | None:

@@ -40,6 +40,10 @@ def test_fit_writes_results_and_summary(tmp_path):
     assert len(results) == 4 and {"case_id", "requested_rewrite", "pre", "post"} <= set(results[0])
     assert isinstance(results[0]["post"]["locality"]["neighborhood_acc"], list)
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "summary.md").exists()
+    # demo.yaml turns the generated-answer evaluation on (the tiny tokenizer has no chat template)
+    assert {"rewrite_gen_em", "rephrase_gen_em", "locality_gen"} <= set(summary["post"])
+    assert summary["generation"]["templates"] == ["plain"] and set(results[0]["post"]["gen"]) == {"plain"}
+    assert "post-edit: " in proc.stdout and "locality_gen=" in proc.stdout
 
 
 def test_data_path_override_and_method_none(tmp_path):
@@ -53,6 +57,10 @@ def test_data_path_override_and_method_none(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["method"] == "none" and summary["dataset"] == "edits" and summary["steps_per_edit"] == 0
     assert summary["post"]["locality"] == 1.0
+    # nothing edited: every generated answer is the unedited model's (zsre.yaml generates)
+    assert summary["post"]["locality_gen"] == 1.0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(case["post"]["gen"] == case["pre"]["gen"] for case in results)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -80,6 +88,12 @@ def printed_config(*configs: str) -> dict:
 def test_print_config():
     config = printed_config("configs/zsre.yaml")
     assert config["model"]["method"] == "repair" and config["data"]["ds_size"] == 100
+
+
+def test_generation_is_on_for_zsre_and_the_demo_and_off_by_default():
+    assert printed_config("configs/zsre.yaml", "configs/wise_t10.yaml")["generation"] is True
+    assert printed_config("configs/demo.yaml")["generation"] is True
+    assert printed_config("configs/counterfact.yaml")["generation"] is False
 
 
 def zsre_model_config() -> dict:
