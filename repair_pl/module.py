@@ -176,13 +176,25 @@ class RepairModule(L.LightningModule):
         finally:
             self.memory.mode = previous
 
-    def _routing(self, mask: Tensor | None, sticky: bool = False):
-        return nullcontext() if self.memory is None else self.memory.routing(mask, sticky)
+    def _routing(self, mask: Tensor | None, sticky: bool = False, texts: list[str] | None = None):
+        return nullcontext() if self.memory is None else self.memory.routing(mask, sticky, texts)
+
+    def _routes_by_prompt(self) -> bool:
+        return getattr(self.memory, "router", None) is not None and self.memory.mode == "route"
+
+    def prompt_texts(self, input_ids: Tensor, mask: Tensor | None = None) -> list[str]:
+        """The text of each row's tokens in ``mask`` (its prompt), as the tokenizer decodes it:
+        what a memory that routes by prompt compares (its keys are decoded the same way)."""
+        rows = input_ids if mask is None else [ids[m.bool()] for ids, m in zip(input_ids, mask)]
+        return self.tokenizer.batch_decode([row.tolist() for row in rows], skip_special_tokens=True)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 route_mask: Tensor | None = None) -> Tensor:
-        """Logits of the edited model; routing looks at the tokens in ``route_mask``."""
-        with self._routing(attention_mask if route_mask is None else route_mask):
+        """Logits of the edited model; routing looks at the tokens in ``route_mask`` (a memory
+        that routes by prompt gets them as text)."""
+        mask = attention_mask if route_mask is None else route_mask
+        texts = self.prompt_texts(input_ids, mask) if self._routes_by_prompt() else None
+        with self._routing(mask, texts=texts):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def logits_fn(self, edited: bool = True):
@@ -204,7 +216,9 @@ class RepairModule(L.LightningModule):
             enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
         finally:
             tokenizer.padding_side = side
-        with self.memory_mode("route" if edited else "off"), self._routing(enc.attention_mask, sticky=True):
+        by_prompt = edited and getattr(self.memory, "router", None) is not None
+        texts = self.prompt_texts(enc.input_ids, enc.attention_mask) if by_prompt else None
+        with self.memory_mode("route" if edited else "off"), self._routing(enc.attention_mask, sticky=True, texts=texts):
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=tokenizer.pad_token_id, **kwargs)
         return tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)

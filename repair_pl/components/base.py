@@ -41,7 +41,7 @@ def recalibrate_routing(module, records: list, margin: float) -> None:
     rephrasings. It never rises above the threshold from before the batch
     (``module.routing_floor``; earlier batches' edits are not re-measured)."""
     memory = module.memory
-    if memory.retrieve or not records:
+    if memory.retrieve or memory.router is not None or not records:  # no score threshold to set
         return
     weakest = min(module.in_scope_scores(records))
     # epsilon = act_ratio x min_in_scope, so this puts epsilon at margin x the weakest score

@@ -37,6 +37,7 @@ class EditableLayer(nn.Module):
         self.last_scores: Tensor | None = None
         self.last_choice: Tensor | None = None
         self.edit_start: Tensor | None = None  # the trained tensor at the start of the current edit
+        self.route_texts: list[str] | None = None
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, main: nn.Linear, seed: int = 0) -> None:
@@ -48,14 +49,15 @@ class EditableLayer(nn.Module):
         self.main = main
 
     @contextmanager
-    def routing(self, mask: Tensor | None, sticky: bool = False) -> Iterator[None]:
-        """Route on the tokens in ``mask`` (B, T); ``sticky`` keeps the first decision per
-        sequence for later calls (generation with a KV cache sees one new token per step)."""
-        self.route_mask, self.sticky, self._sticky_on = mask, None, sticky
+    def routing(self, mask: Tensor | None, sticky: bool = False, texts: list[str] | None = None) -> Iterator[None]:
+        """Route on the tokens in ``mask`` (B, T) (or, for a memory that routes by prompt, on
+        ``texts``, the sequences' prompts); ``sticky`` keeps the first decision per sequence for
+        later calls (generation with a KV cache sees one new token per step)."""
+        self.route_mask, self.sticky, self._sticky_on, self.route_texts = mask, None, sticky, texts
         try:
             yield
         finally:
-            self.route_mask, self.sticky, self._sticky_on = None, None, False
+            self.route_mask, self.sticky, self._sticky_on, self.route_texts = None, None, False, None
 
     def invalidate(self) -> None:
         """Forget cached inference weights (call after the trained weights changed)."""
@@ -125,9 +127,11 @@ class EditableLayer(nn.Module):
 
 
 def init_args(obj: Any) -> dict[str, Any]:
-    """The ``__init__`` arguments of ``obj`` as stored on it (a memory or component), by name."""
+    """The ``__init__`` arguments of ``obj`` as stored on it (a memory or component), by name; a
+    part of the package inside them (a memory's router) as its own ``class_path``/``init_args``."""
     names = [p for p in inspect.signature(type(obj).__init__).parameters if p != "self"]
-    return {name: getattr(obj, name) for name in names}
+    values = {name: getattr(obj, name) for name in names}
+    return {k: class_config(v) if type(v).__module__.startswith("repair_pl.") else v for k, v in values.items()}
 
 
 def class_config(obj: Any) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from repair_pl.losses import margin_routing_loss
 from repair_pl.memory.base import EditableLayer
 from repair_pl.memory.batch import prompt_target_batch
+from repair_pl.memory.router import PromptRouter
 from repair_pl.merge import MERGERS, merge
 
 SCORE_TOKENS = ("mean", "last")
@@ -68,6 +69,11 @@ class SideMemory(EditableLayer):
             token alone, whose output the edit trains to produce the answer.
         stack_shards: a new shard starts where the stored ones left ``W'`` instead of from the
             merged memory, so its edits are trained beside theirs.
+        router: route by the prompt's similarity to the edits' prompts
+            (:class:`~repair_pl.memory.PromptRouter`) instead of by the activation score
+            (ours); with ``retrieve`` a prompt goes to the memory that holds its edit.
+        end_answer: train the end of the answer too (the tokenizer's end-of-sequence token after
+            the target), so a generated edited answer stops where the model would stop (ours).
     """
 
     def __init__(self, lr: float = 1.0, act_ratio: float = 0.88, alpha: float = 5.0, beta: float = 20.0,
@@ -75,7 +81,8 @@ class SideMemory(EditableLayer):
                  mask_ratio: float = 0.2, norm_constraint: float | None = 1.0, n_prefixes: int = 10,
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
-                 score_tokens: str = "mean", stack_shards: bool = False):
+                 score_tokens: str = "mean", stack_shards: bool = False, router: PromptRouter | None = None,
+                 end_answer: bool = False):
         super().__init__()
         _check(lr=lr, mask_ratio=mask_ratio, prompt_weight=prompt_weight, n_prefixes=n_prefixes,
                n_negatives=n_negatives, save_freq=save_freq, merge_freq=merge_freq, merge_method=merge_method,
@@ -85,7 +92,7 @@ class SideMemory(EditableLayer):
         self.norm_constraint, self.n_prefixes, self.prefix_tokens = norm_constraint, n_prefixes, prefix_tokens
         self.save_freq, self.merge_freq, self.merge_method = save_freq, merge_freq, merge_method
         self.density, self.retrieve, self.n_negatives = density, retrieve, n_negatives
-        self.score_tokens, self.stack_shards = score_tokens, stack_shards
+        self.score_tokens, self.stack_shards, self.router, self.end_answer = score_tokens, stack_shards, router, end_answer
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, main: nn.Linear, seed: int = 0) -> None:
@@ -110,6 +117,8 @@ class SideMemory(EditableLayer):
         self.negatives: deque[list[int]] = deque(maxlen=self.n_negatives)
         self._generator = torch.Generator().manual_seed(seed)
         self._view: Tensor | None = None  # cached merge of pending shards for inference
+        if self.router is not None:
+            self.router.bind()
 
     @property
     def trainable(self) -> nn.Parameter:
@@ -134,7 +143,8 @@ class SideMemory(EditableLayer):
         out_rows = [tok([text]).input_ids[0][: max_length or None]] + list(self.negatives)
         if self.n_negatives and not retry:
             self.negatives.appendleft(out_rows[0])
-        return prompt_target_batch(tok, prompts, record.target, max_length, out_rows)
+        target = record.target + (tok.eos_token if self.end_answer and tok.eos_token else "")
+        return prompt_target_batch(tok, prompts, target, max_length, out_rows)
 
     def generated_routing_text(self, record, module) -> str:
         """An out-of-scope text for a record without a routing prompt: one of
@@ -182,6 +192,9 @@ class SideMemory(EditableLayer):
             score = module.trained_score(batch)
             self.record_in_scope(score)
             self.current_losses.append(module.step_stats.get("edit_loss", 0.0))
+            if self.router is not None:  # its memory: the current one (the next kept apart, with retrieve)
+                ids = module.tokenizer([record.prompt], return_tensors="pt").input_ids
+                self.router.add(module.prompt_texts(ids)[0], len(self.memories))
         self.edit_start = None
         return score
 
@@ -311,6 +324,10 @@ class SideMemory(EditableLayer):
                 "generator_state": self._generator.get_state().tolist(),
                 "shard_losses": self.shard_losses, "current_losses": self.current_losses,
                 "negatives": [list(ids) for ids in self.negatives]}
+        if self.router is not None:
+            keys, keyed = self.router.state()
+            tensors.update(keys)
+            meta.update(keyed)
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
@@ -329,6 +346,8 @@ class SideMemory(EditableLayer):
         self.shard_losses, self.current_losses = list(meta.get("shard_losses", [])), list(meta.get("current_losses", []))
         self.negatives.clear()
         self.negatives.extend(meta.get("negatives", []))
+        if self.router is not None:
+            self.router.load_state(tensors, meta)
         self.invalidate()
 
     def reset(self, seed: int = 0) -> None:
@@ -339,6 +358,8 @@ class SideMemory(EditableLayer):
         self.min_in_scope = self.period_min = None
         self.shard_losses, self.current_losses = [], []
         self.negatives.clear()
+        if self.router is not None:
+            self.router.reset()
         self.invalidate()
         # Reseed: every reset starts from the same state, so lifelong chunks are independent
         # and may run on different processes (repair_pl.distributed) with the same results.
@@ -362,7 +383,8 @@ class SideMemory(EditableLayer):
         return (norms * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "off" or (self.mode == "route" and self.min_in_scope is None):
+        routed_by_prompt = self.mode == "route" and self.router is not None
+        if self.mode == "off" or (self.mode == "route" and not routed_by_prompt and self.min_in_scope is None):
             return self._no_route(x)
         main_out = self.main(x)
         if self.mode == "edit":
@@ -370,6 +392,8 @@ class SideMemory(EditableLayer):
             self.last_scores = self._scores(side_out - main_out.float())
             return side_out.to(main_out.dtype)
         weights = self.inference_weights()
+        if routed_by_prompt and not (self._sticky_on and self.sticky is not None):
+            return self._routed_by_prompt(x, main_out, weights)
         if self._sticky_on and self.sticky is not None:
             # Generation past the prompt: the decision is known, so only the chosen memories'
             # outputs are computed (none when no sequence is routed); the result is the same.
@@ -396,6 +420,22 @@ class SideMemory(EditableLayer):
         self.last_choice = choice
         out = main_out
         for k, side_out in enumerate(outputs):
+            out = torch.where((choice == k).view(-1, *([1] * (x.dim() - 1))), side_out, out)
+        return out
+
+    def _routed_by_prompt(self, x: Tensor, main_out: Tensor, weights: list[Tensor]) -> Tensor:
+        """The router's choice for each sequence (from ``route_texts``); only the chosen memories run."""
+        if self.route_texts is None or len(self.route_texts) != x.shape[0]:
+            raise ValueError("a side memory with a router needs the prompts' texts to route on "
+                             "(RepairModule.forward and generate() pass them)")
+        choice, similarity = self.router.route(self.route_texts)
+        choice = choice.to(x.device)
+        self.last_scores, self.last_choice = similarity.to(x.device), choice
+        if self._sticky_on:
+            self.sticky, self._sticky_used = choice, sorted(set(choice[choice >= 0].tolist()))
+        out = main_out
+        for k in sorted(set(choice[choice >= 0].tolist())):
+            side_out = F.linear(x.to(weights[k].dtype), weights[k]).to(main_out.dtype)
             out = torch.where((choice == k).view(-1, *([1] * (x.dim() - 1))), side_out, out)
         return out
 
