@@ -158,8 +158,8 @@ def print_generation_examples(module: RepairModule, records: list, n: int, out: 
 
 
 def main(args=None) -> None:
-    """Entry point of ``scripts/edit.py``: known input errors end with one clear line (set
-    ``REPAIR_PL_DEBUG=1`` for the traceback)."""
+    """Entry point of ``repair-pl`` and ``scripts/edit.py``: known input errors end with one
+    clear line (set ``REPAIR_PL_DEBUG=1`` for the traceback)."""
     import os
     import sys
 
