@@ -3,7 +3,7 @@
 
     python scripts/bench.py                              # all parts, quick sizes (~5 min on 2 CPU cores)
     python scripts/bench.py --parts 1 3                  # only some parts
-    python scripts/bench.py --full                       # the documented full sizes (see README "Speed")
+    python scripts/bench.py --full                       # the documented full sizes (docs/benchmarks.md)
     python scripts/bench.py --device cuda --dtype bfloat16 --model /path/to/Meta-Llama-3-8B-Instruct
 
 Parts:

@@ -29,7 +29,7 @@ own memory top-1 (edit i was written into memory i // merge_freq).
 ``--rescore mean|last`` (with ``--edits``) reads the routing score of the saved memory the other
 way (``score_tokens``), re-measures the threshold at ``recalibration_margin`` x the weakest edit
 as REPAIR's merge does (``--margin``), and prints how the scores of the edit prompts and of the unrelated
-(locality) prompts overlap before scoring. README "Design choices" (last-token routing):
+(locality) prompts overlap before scoring (docs/design.md, last-token routing):
 
     python tools/probe_routing.py --n 100 --edits runs/repair_T100_cluster20/edits --act_ratios 1.03 \
         --rescore last --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5,

@@ -3,8 +3,9 @@
 Keys are inputs of the down projection at a sequence's last prompt token; each key has a
 trainable value (a vector of the layer's output size) and a radius epsilon. A sequence whose
 query (its last prompt token's input) lies within epsilon (L2) of the nearest key gets that
-key's value as the layer output at *every* position (our choice among GRACE's replacement
-rules; it keeps generation with a KV cache simple: the decision is made once from the prompt).
+key's value as the layer output from the prompt's last token on (earlier prompt tokens keep the
+frozen output; our choice among GRACE's replacement rules, which keeps generation with a KV cache
+simple: the decision is made once from the prompt).
 Every other sequence gets the frozen layer's output, bit for bit.
 
 A new edit with key ``h`` and answer ``y`` (GRACE's codebook update):
