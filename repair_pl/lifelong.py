@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def _markdown(summary: dict) -> str:
     rows = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for stage in ("pre", "post"):
         rows.append(f"| {stage} | " + " | ".join(f"{summary[stage].get(k, float('nan')):.4f}" for k in keys) + " |")
+    if "chunk_spread" in summary:  # the std of the per-chunk means
+        spread = summary["chunk_spread"]
+        rows.append(f"| post std over {len(summary['chunks'])} chunks | "
+                    + " | ".join(f"{spread[k]['std']:.4f}" if k in spread else "" for k in keys) + " |")
     return (f"# {summary['method']} on {summary['dataset']} (T={summary['T']}, {summary['n_edits']} edits)\n\n"
             + "\n".join(rows) + _generation_markdown(summary)
             + f"\n\nseconds per edit: {summary['seconds_per_edit']:.3f}; "
@@ -101,7 +106,7 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
     if state is None:
         pre = pre_edit_evaluation(module, records, pre_eval_cache, progress, generation)
         state = {"chunk": 0, "position": 0, "logged": 0, "edits": [], "results": [], "steps": 0, "seconds": 0.0,
-                 "pre": asdict(pre)}
+                 "edited": 0, "blocks": [], "pre": asdict(pre)}
     else:
         pre = Evaluation(**state["pre"])
         print(f"resuming from {checkpoint.folder}: {len(state['results']) + state['position']} of {len(records)} "
@@ -121,6 +126,7 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
         done = reached = 0  # edits of this process and how many reached their target (the bar's rel)
         saved_at = state["position"]
         for first in range(state["position"], len(chunk), segment or len(chunk)):
+            clock = time.perf_counter()  # wall time of editing: fits, clustering, merges, re-checks
             for record, result in module.edit_stream(chunk[first: first + (segment or len(chunk))], progress=False):
                 info = state["edits"][index[id(record)]]
                 info["steps"] += result.steps
@@ -128,7 +134,12 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                 info["loss"], info["success"] = result.loss, result.success
                 info["retries"] += int(result.retry)
                 state["steps"] += result.steps
-                state["seconds"] += result.seconds
+                now = time.perf_counter()
+                state["seconds"] += now - clock
+                clock = now
+                if not result.retry:
+                    state["edited"] += 1
+                    _note_block(state)
                 if logger is not None:
                     logger.log_metrics({"edit/loss": result.loss, "edit/edit_loss": result.edit_loss,
                                         "edit/routing_loss": result.routing_loss, "edit/steps": result.steps,
@@ -143,6 +154,7 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                     bar.set_postfix({"rel": f"{reached / done:.2f}", "loss": f"{result.edit_loss:.3f}",
                                      "steps": result.steps}, refresh=False)
                     bar.update(1)
+            state["seconds"] += time.perf_counter() - clock  # the batch's last merge and re-checks
             state["position"] = min(first + (segment or len(chunk)), len(chunk))
             if checkpoint is not None and state["position"] < len(chunk) and \
                     state["position"] - saved_at >= checkpoint_every:
@@ -171,7 +183,9 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                "pre": case_means([c["pre"] for c in results]), "post": case_means([c["post"] for c in results]),
                "seconds_per_edit": seconds / n, "steps_per_edit": steps / n, "n_failed": len(failed),
                "failed_case_ids": failed, "interventions": module.intervention_counts(),
-               "skipped_records": [str(err) for err in skipped or []]}
+               "skipped_records": [str(err) for err in skipped or []], **chunk_spread(results, T)}
+    if state["blocks"]:
+        summary["blocks"] = state["blocks"]
     if generation is not None:
         summary["generation"] = generation_summary(tok, generation)
     _report("post-edit", summary["post"])
@@ -187,6 +201,38 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
         logger.log_metrics(metrics, step=n)
         logger.save()
     return summary
+
+
+BLOCK = 100
+"""Edits per block of a long run's timeline (``summary["blocks"]``)."""
+
+
+def _note_block(state: dict) -> None:
+    """At every ``BLOCK``-th edit of the run: its wall seconds per edit since the last block
+    and the process's peak memory so far (what a long stream reports)."""
+    done = state["edited"]
+    if done % BLOCK:
+        return
+    import resource
+
+    spent = state["seconds"] - sum(b["seconds_per_edit"] * BLOCK for b in state["blocks"])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    state["blocks"].append({"edits": done, "seconds_per_edit": spent / BLOCK, "peak_rss_mb": peak_mb})
+
+
+def chunk_spread(results: list[dict], T: int) -> dict:
+    """Per-chunk post-edit means and, with several chunks, their mean and sample standard
+    deviation per metric (a run over several chunks reports mean and spread, not one chunk)."""
+    chunks = [case_means([c["post"] for c in results[i: i + T]]) for i in range(0, len(results), T)]
+    if len(chunks) < 2:
+        return {}
+    spread = {}
+    for key in chunks[0]:
+        values = [c[key] for c in chunks if key in c]
+        mean = sum(values) / len(values)
+        spread[key] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)),
+                       "min": min(values), "max": max(values)}
+    return {"chunks": chunks, "chunk_spread": spread}
 
 
 def pre_edit_evaluation(module, records: list[EditRecord], cache: str | Path | None = None,

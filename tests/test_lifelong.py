@@ -183,3 +183,27 @@ def test_a_sharded_run_killed_before_its_summary_md_has_no_summary_json(tmp_path
     with pytest.raises(Killed):
         distributed.run_lifelong_sharded(ScriptedModule(RECORDS), RECORDS, tmp_path, T=3)
     assert (tmp_path / "rank0" / "summary.json").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_a_run_of_several_chunks_reports_each_chunks_means_and_their_spread(tmp_path):
+    from repair_pl.lifelong import case_means, chunk_spread
+
+    cases = [{"post": {"rewrite_acc": [v], "rephrase_acc": [v], "locality": {"neighborhood_acc": [1.0]}}}
+             for v in (1.0, 0.0, 0.5, 0.5)]
+    out = chunk_spread(cases, T=2)
+    assert [c["rewrite_acc"] for c in out["chunks"]] == [0.5, 0.5]
+    assert out["chunk_spread"]["rewrite_acc"] == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5}
+    uneven = chunk_spread(cases, T=1)
+    assert uneven["chunk_spread"]["rewrite_acc"]["std"] == pytest.approx(0.4082, abs=1e-4)  # sample std of 1,0,.5,.5
+    assert uneven["chunk_spread"]["locality"]["std"] == 0.0
+    assert chunk_spread(cases, T=4) == {}  # one chunk: nothing to spread
+    assert case_means([c["post"] for c in cases])["rewrite_acc"] == 0.5
+
+
+def test_a_long_run_reports_seconds_per_edit_and_peak_memory_per_block_of_edits(tmp_path, monkeypatch):
+    monkeypatch.setattr(lifelong, "BLOCK", 3)  # blocks of 3 edits over these 7
+    summary = run_lifelong(ScriptedModule(RECORDS), RECORDS, tmp_path, T=4, progress=False)
+    blocks = summary["blocks"]
+    assert [b["edits"] for b in blocks] == [3, 6]  # edit 7 does not close a block
+    assert all(b["seconds_per_edit"] >= 0 and b["peak_rss_mb"] > 0 for b in blocks)
+    assert sum(b["seconds_per_edit"] * 3 for b in blocks) <= summary["seconds_per_edit"] * 7 + 1e-9
