@@ -57,7 +57,9 @@ class EditCLI(LightningCLI):
         # the parts as built (a preset fills what the config left null): the values really used
         config["model"]["method"] = model.method
         config["model"]["memory"], config["model"]["components"] = model.hparams.memory, model.hparams.components
-        write_file_atomic(out / "config.yaml", self.parser.dump(self.config, skip_none=False, skip_check=True))
+        # the subcommand's own section: the file is a valid `edit.py fit --config`
+        parser = self._parser(self.subcommand)
+        write_file_atomic(out / "config.yaml", parser.dump(config, skip_none=False, skip_check=True))
         if self.trainer.logger is not None:
             self.trainer.logger.log_hyperparams(flat_config(config))
         trainer_cfg = config.get("trainer", {})
@@ -115,6 +117,8 @@ def module_arguments(*configs: str | Path, overrides: dict | None = None) -> dic
     parser.add_class_arguments(RepairModule, "model", instantiate=False, skip={"tokenizer"})
     cfg = parser.get_defaults()
     sections = [(yaml.safe_load(Path(c).read_text()) or {}).get("model") or {} for c in configs]
+    for section in sections:  # a run's saved config.yaml lists the tokenizer (null): loaded with the model
+        section.pop("tokenizer", None)
     for section in [*sections, overrides or {}]:
         cfg = parser.parse_object({"model": section}, cfg_base=cfg)
     kwargs = parser.instantiate(cfg).model.as_dict()
@@ -140,11 +144,12 @@ def print_generation_examples(module: RepairModule, records: list, n: int, out: 
     """Print what the model generates for ``n`` edited prompts (the last ``n`` records, which the
     final memory holds) and one unrelated question, before and after editing; also written to
     ``out/generations.md``. Prompts are wrapped in the chat template when the tokenizer has one."""
-    from repair_pl.generation import chat_prompt
+    from repair_pl.generation import chat_prompt, has_chat_template
 
     picked = list(records[-n:])
     questions = [r.prompt for r in picked] + [p for r in picked[:1] for p, _ in r.locality[:1]]
-    wrapped = [chat_prompt(module.tokenizer, q) for q in questions]
+    chat = has_chat_template(module.tokenizer)
+    wrapped = [chat_prompt(module.tokenizer, q) if chat else q for q in questions]
     before = module.generate(wrapped, max_new_tokens=16, edited=False)
     after = module.generate(wrapped, max_new_tokens=16, edited=True)
     lines = ["| question | edit target | before | after |", "|---|---|---|---|"]
@@ -154,7 +159,8 @@ def print_generation_examples(module: RepairModule, records: list, n: int, out: 
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     text = "\n".join(lines) + "\n"
     write_file_atomic(out / "generations.md", text)
-    print("\ngenerated answers, before -> after editing (greedy, chat template):\n" + text, flush=True)
+    how = "chat template" if chat else "plain prompts: the tokenizer has no chat template"
+    print(f"\ngenerated answers, before -> after editing (greedy, {how}):\n" + text, flush=True)
 
 
 def main(args=None) -> None:

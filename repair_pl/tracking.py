@@ -60,7 +60,8 @@ def finish_run(failed: bool = False) -> None:
 
 def read_offline_run(run_dir) -> dict:
     """Read back an offline W&B run folder (``.../wandb/offline-run-*``) without syncing it:
-    ``{"run": {"id", "project", "group", "name"}, "history": [step dicts], "summary": {...}}``.
+    ``{"run": {"id", "project", "group", "name"}, "config": {...}, "history": [step dicts],
+    "summary": {...}}`` (``config``: the logged hyperparameters).
 
     The ``run-*.wandb`` file is a LevelDB-style log of W&B's own protobuf ``Record`` messages
     (wandb >= 0.19 no longer ships a Python reader for it).
@@ -76,7 +77,7 @@ def read_offline_run(run_dir) -> dict:
     ident, magic, _ = struct.unpack("<4sHB", data[:7])
     if ident != b":W&B" or magic != 0xBEE1:
         raise ValueError(f"{path} is not a W&B run file")
-    out: dict = {"run": {}, "history": [], "summary": {}}
+    out: dict = {"run": {}, "config": {}, "history": [], "summary": {}}
     block, pos, buf = 32768, 7, b""
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -94,6 +95,10 @@ def read_offline_run(run_dir) -> dict:
         if which == "run":
             r = record.run
             out["run"] = {"id": r.run_id, "project": r.project, "group": r.run_group, "name": r.display_name}
+            out["config"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.config.update})
+        elif which == "config":
+            out["config"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                  for i in record.config.update})
         elif which == "history":
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
         elif which == "summary":

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from repair_pl.cli import module_arguments
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +34,10 @@ def test_fit_writes_results_and_summary(tmp_path):
     assert summary["n_edits"] == 4 and summary["steps_per_edit"] <= 3 * 3  # error feedback may re-edit
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]  # the values really used
     assert saved["memory"]["init_args"]["score_tokens"] == "last" and saved["memory"]["init_args"]["n_prefixes"] == 1
-    assert saved["components"]["distribution_aware"]["cluster_size"] == 20
+    assert saved["components"]["distribution_aware"]["init_args"]["cluster_size"] == 20
     assert saved["components"]["distillation"] is None
+    rebuilt = module_arguments(tmp_path / "config.yaml")  # the saved file is a config to rerun with
+    assert rebuilt["memory"].n_prefixes == 1 and rebuilt["components"].distribution_aware.cluster_size == 20
     assert set(summary["pre"]) >= {"rewrite_acc", "rephrase_acc", "locality"}
     assert summary["pre"]["locality"] == 1.0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -14,6 +14,7 @@ from repair_pl.generation import (NO_CHAT_TEMPLATE, GenerationCheck, chat_prompt
                                   stop_token_ids)
 from repair_pl.lifelong import GEN_KEYS, pre_edit_evaluation, run_lifelong
 from repair_pl.resume import run_fingerprint
+from repair_pl.presets import preset
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +76,7 @@ def test_generation_ends_at_the_first_special_token():
     """The tiny model emits a special token mid-answer for some prompts: its own generate()
     goes on past it (decoding hides the token, gluing the text after it on); the evaluation's
     stops there."""
-    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     tokenizer = module.tokenizer
     assert stop_token_ids(tokenizer) == [0, 1, 2]  # <pad>, <eos>, <unk>
     found = None
@@ -135,8 +136,8 @@ def test_locality_against_another_models_answers():
     by row equal to comparing the two models' answers directly, and some rows differ."""
     tokenizer = char_tokenizer()
     records = [EditRecord("q", "t", locality=tuple((f"who is p{i}", "abc") for i in range(8)))]
-    first = RepairModule(tiny_llama(seed=0), tokenizer, **TINY)
-    second = RepairModule(tiny_llama(seed=1), tokenizer, **TINY)
+    first = RepairModule(tiny_llama(seed=0), tokenizer, **preset("wise", **TINY))
+    second = RepairModule(tiny_llama(seed=1), tokenizer, **preset("wise", **TINY))
     check = GenerationCheck(extra_tokens=3)
     reference = evaluate_generation(module_generate_fn(first, edited=False), tokenizer, records, check=check)
     scored = evaluate_generation(module_generate_fn(second, edited=False), tokenizer, records, reference=reference,
@@ -164,7 +165,7 @@ def test_chat_and_plain_columns_feed_different_prompts():
 
 
 def test_chat_answers_differ_from_plain_on_a_real_model():
-    module = RepairModule(tiny_llama(), chat_tokenizer(), **TINY)
+    module = RepairModule(tiny_llama(), chat_tokenizer(), **preset("wise", **TINY))
     entry, = evaluate_generation(module_generate_fn(module, edited=False), module.tokenizer, RECORDS[:1],
                                  check=GenerationCheck(extra_tokens=6))
     assert entry["plain"]["texts"] != entry["chat"]["texts"]
@@ -172,7 +173,7 @@ def test_chat_answers_differ_from_plain_on_a_real_model():
 
 def run(tmp_path, tokenizer, generation, name="run", T=2):
     torch.manual_seed(0)
-    module = RepairModule(tiny_llama(), tokenizer, method="wise", **TINY)
+    module = RepairModule(tiny_llama(), tokenizer, **preset("wise", **TINY))
     return run_lifelong(module, RECORDS, tmp_path / name, T=T, progress=False, generation=generation)
 
 
@@ -228,7 +229,7 @@ def test_generation_off_keeps_the_old_shape(tmp_path):
 
 def test_sharded_run_in_one_process_has_the_generation_means(tmp_path):
     torch.manual_seed(0)
-    module = RepairModule(tiny_llama(), char_tokenizer(), method="wise", **TINY)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     summary = run_lifelong_sharded(module, RECORDS, tmp_path, T=2, generation=GenerationCheck(extra_tokens=1))
     results = json.loads((tmp_path / "results.json").read_text())
     assert summary["post"]["rewrite_gen_em"] == pytest.approx(generation_means([c["post"]["gen"] for c in results])[
@@ -254,7 +255,7 @@ def test_pre_edit_cache_is_keyed_by_the_generation_settings(tmp_path, monkeypatc
 
 
 def test_run_fingerprint_covers_generation():
-    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     off = run_fingerprint(module, RECORDS, 2)
     assert "generation" not in off  # checkpoints written before generation existed still resume
     assert run_fingerprint(module, RECORDS, 2, GenerationCheck(2)) != off

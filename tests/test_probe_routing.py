@@ -8,6 +8,7 @@ import pytest
 from repair_pl.data import EditRecord
 from repair_pl.evaluate import evaluate_records
 from repair_pl.module import RepairModule
+from repair_pl.presets import preset
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +31,7 @@ def load_script():
 
 def test_probe_scores_one_memory_at_every_threshold():
     probe = load_script().probe
-    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS)
     out = probe(module, RECORDS, T=2, act_ratios=[0.0, 1e6], reference=pre.locality_preds)
     assert out["n"] == 2 and out["steps_per_edit"] == 30
@@ -41,13 +42,13 @@ def test_probe_scores_one_memory_at_every_threshold():
 
 def test_saved_state_is_scored_at_each_threshold_without_editing(tmp_path):
     script = load_script()
-    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS)
     for record in RECORDS:
         module.edit(record)
     module.save_edits(tmp_path / "edits")
     edited = evaluate_records(module.logits_fn(), module.tokenizer, RECORDS, reference=pre.locality_preds)
-    fresh = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    fresh = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     fresh.load_edits(tmp_path / "edits")
     out = script.score_thresholds(fresh, RECORDS, [module.memory.act_ratio, 1e6], pre.locality_preds)
     assert out[module.memory.act_ratio] == pytest.approx({k: edited.means[k] for k in script.METRICS})
@@ -56,16 +57,17 @@ def test_saved_state_is_scored_at_each_threshold_without_editing(tmp_path):
 
 def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
     script = load_script()
-    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)  # wise: mean scores
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))  # wise: mean scores
     for record in RECORDS:
         module.edit(record)
     mean_scores = module.in_scope_scores(RECORDS)
-    out = script.rescore(module, RECORDS, "last")
+    margin = 0.91
+    out = script.rescore(module, RECORDS, "last", margin)
     last_scores = module.in_scope_scores(RECORDS)
     assert module.memory.score_tokens == "last" and last_scores != pytest.approx(mean_scores)
     assert out["edit_min"] == pytest.approx(min(last_scores))
     assert out["edit_median"] == pytest.approx(sorted(last_scores)[len(last_scores) // 2])
-    assert out["epsilon"] == pytest.approx(module.hparams.recalibration_margin * min(last_scores))
+    assert out["epsilon"] == pytest.approx(margin * min(last_scores))
     # the unrelated prompts are the records' locality prompts, scored through the same memory
     unrelated = module.in_scope_scores([EditRecord(*r.locality[0]) for r in RECORDS])
     assert out["unrelated_max"] == pytest.approx(max(unrelated))
@@ -77,8 +79,8 @@ def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
 
 def test_retrieved_memories_follow_the_routing_choice():
     script = load_script()
-    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY, retrieve=True, save_freq=1, merge_freq=1,
-                          merge_method="linear")
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY, retrieve=True, save_freq=1, merge_freq=1,
+                          merge_method="linear"))
     for record in RECORDS:
         module.edit(record)
     memory = module.memory

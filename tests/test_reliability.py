@@ -422,11 +422,13 @@ class CliRun:
         return self.log.read_text()
 
 
-def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, timeout: float) -> list[str]:
+def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, timeout: float,
+                    max_delay: float = 0.3) -> list[str]:
     """Run the command to the end in this process (the reference), then in subprocesses into
-    ``folder/resumed``, SIGKILLed once per entry of ``kills`` at a seeded random moment after
-    editing began (``"editing"``) or after this process wrote a checkpoint (``"checkpoint"``),
-    then once more to the end. Returns the subprocesses' logs."""
+    ``folder/resumed``, SIGKILLed once per entry of ``kills`` at a seeded random moment (up to
+    ``max_delay`` x the reference run's time) after editing began (``"editing"``) or after this
+    process wrote a checkpoint (``"checkpoint"``), then once more to the end. Returns the
+    subprocesses' logs."""
     from repair_pl.cli import main
 
     began = time.monotonic()
@@ -442,7 +444,7 @@ def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, 
         else:
             ready = lambda: progress.is_file() and progress.stat().st_mtime > attempt.started  # noqa: E731
         if attempt.wait_for(ready, timeout):
-            time.sleep(rng.uniform(0.0, 0.3) * span)
+            time.sleep(rng.uniform(0.0, max_delay) * span)
         if attempt.proc.poll() is not None:  # it ended before the kill: nothing left to resume
             logs.append(attempt.finish(timeout))
             return logs
@@ -462,10 +464,13 @@ def test_sigkill_at_random_moments_then_rerun_ends_bit_identical(tmp_path):
 
 @pytest.mark.integration
 def test_sigkill_and_resume_on_smollm2(tmp_path):
-    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.memory.n_prefixes", "1", "--model.max_steps", "6",
-            "--data.ds_size", "3", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
+    # WISE writes a checkpoint after every edit (REPAIR's first one comes after its first batch)
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(ROOT / "configs" / "methods" / "wise.yaml"),
+            "--model.memory.n_prefixes", "1", "--model.max_steps", "6",
+            "--data.ds_size", "4", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false"]
-    logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300)
+    # the reference run's time is mostly loading and evaluation: kill soon after the first checkpoint
+    logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300, max_delay=0.05)
     assert "summary:" not in logs[0] and "resuming from" in logs[-1]
     assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
 

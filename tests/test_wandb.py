@@ -21,7 +21,7 @@ def test_offline_wandb_run_holds_the_per_edit_curves_and_final_metrics(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # offline must be the default
     env["WANDB_CACHE_DIR"] = env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb-home")
     cmd = [sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", "--config", "configs/demo.yaml",
-           "--config", "configs/wandb.yaml", *TINY, "--data.ds_size", "2", "--T", "2", "--model.memory.lr", "2.0",
+           "--config", "configs/wandb.yaml", "--config", "configs/methods/wise.yaml", *TINY, "--data.ds_size", "2", "--T", "2", "--model.memory.lr", "2.0",
            "--trainer.default_root_dir", str(tmp_path / "run"),
            "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
            "--trainer.logger.init_args.group", "sweep-a", "--trainer.logger.init_args.name", "demo/wise_T2"]
@@ -32,6 +32,10 @@ def test_offline_wandb_run_holds_the_per_edit_curves_and_final_metrics(tmp_path)
     logged = read_offline_run(runs[0])
     assert logged["run"]["group"] == "sweep-a" and logged["run"]["name"] == "demo/wise_T2"
     assert logged["run"]["project"] == "repair-pl"
+    # the resolved hyperparameters, as flat keys a dashboard groups runs by
+    config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in logged["config"].items()}
+    assert config["model.method"] == "wise" and config["model.memory.init_args.lr"] == 2.0
+    assert config["model.max_steps"] == 3 and config["T"] == 2
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     for stage in ("pre", "post"):
