@@ -105,3 +105,18 @@ def test_end_answer_trains_the_end_of_sequence_token_after_the_target():
     assert len(b["labels"]) == len(a["labels"]) + TINY["n_prefixes"] + 1  # one more per edit row
     assert int(b["labels"][n]) == eos and eos not in a["labels"].tolist()
     assert int(b["n_first"]) == int(a["n_first"]) + 1
+
+
+def test_shards_kept_apart_become_memories_of_their_own_that_their_prompts_reach():
+    C = EditRecord("capital of germany?", "zzz", routing_prompt="a third thing")
+    module = routing_module(retrieve=True, cluster_size=1, shards_apart=True)
+    list(module.edit_stream([A, B, C], progress=False))
+    memory = module.memory
+    assert len(memory.memories) == 3 and sorted(memory.router.memory_of) == [0, 1, 2]
+    main = memory.main.weight.float()
+    for k, record in enumerate(module.shard_plan):  # each memory holds one shard's change alone
+        assert side_output_used(module, record[0].prompt) == memory.router.memory_of[k]
+    changed = [(m != main).any().item() for m in memory.memories]
+    assert changed == [True, True, True]
+    with pytest.raises(ValueError, match="shards_apart .* needs model.memory.retrieve true"):
+        routing_module(shards_apart=True)

@@ -26,11 +26,15 @@ class DistributionAwareMemory(EditStreamCallback):
             in TIES the weights decide between shards that share an entry, so with disjoint
             masks they change nothing.
         merge_eps: see ``loss_aware_merge``.
+        shards_apart: keep every shard as a memory of its own instead of merging a batch's shards
+            (ours): an edit then meets no other shard's change at inference. Needs a side memory
+            that keeps memories apart and routes to the one that holds an edit (``retrieve`` and a
+            ``router``); masks then need not be disjoint.
     """
 
     def __init__(self, cluster_size: int = 5, n_clusters: int | None = None, cluster_method: str = "kmeans",
                  heterogeneous: bool = False, disjoint_masks: bool = True, loss_aware_merge: bool = True,
-                 merge_eps: float = 0.05):
+                 merge_eps: float = 0.05, shards_apart: bool = False):
         if cluster_method not in CLUSTER_METHODS:
             raise ValueError(f"DistributionAwareMemory.cluster_method must be one of {CLUSTER_METHODS}, "
                              f"got {cluster_method!r}")
@@ -38,10 +42,14 @@ class DistributionAwareMemory(EditStreamCallback):
             raise ValueError(f"DistributionAwareMemory.cluster_size must be a positive integer, got {cluster_size!r}")
         self.cluster_size, self.n_clusters, self.cluster_method = cluster_size, n_clusters, cluster_method
         self.heterogeneous, self.disjoint_masks = heterogeneous, disjoint_masks
-        self.loss_aware_merge, self.merge_eps = loss_aware_merge, merge_eps
+        self.loss_aware_merge, self.merge_eps, self.shards_apart = loss_aware_merge, merge_eps, shards_apart
 
     def bind(self, module) -> None:
-        module.memory.disjoint = self.disjoint_masks
+        memory = module.memory
+        if self.shards_apart and not (memory.retrieve and memory.router is not None):
+            raise ValueError("DistributionAwareMemory.shards_apart keeps each shard as a memory of its own: it needs "
+                             "model.memory.retrieve true and a model.memory.router (to reach the right one)")
+        memory.disjoint = self.disjoint_masks and not self.shards_apart
         self.shard_ends: set[int] = set()
         self.plan: list[list] = []
         self._done = 0
@@ -65,7 +73,10 @@ class DistributionAwareMemory(EditStreamCallback):
             return
         self._done += 1
         if self._done in self.shard_ends:
-            module.memory.save_shard()
+            if self.shards_apart:  # the shard becomes a memory of its own; the next starts from W
+                module.memory.merge_shards()
+            else:
+                module.memory.save_shard()
 
     def on_edit_batch_end(self, module, records: list, results: list) -> None:
         module.memory.merge_shards(loss_aware=self.loss_aware_merge, eps=self.merge_eps)
