@@ -11,10 +11,14 @@ Config shape (see ``configs/eren_cfh.yaml``)::
       encoder: null             # null: all-MiniLM-L6-v2; or a model folder, or "hash"
       k: 5
       min_score: null
+      min_relation_score: null  # gate on the subject-masked score (see repair_pl.eren.editor)
+      extract: false            # prefer a span of the note over an answer it does not support
       max_new_tokens: 12
+      stop: []                  # strings that end an answer, e.g. ["\n"]
+      chat: null                # apply the tokenizer's chat template (null: when it has one)
       batch_size: 8
       prompts: {read: ..., closed_book: ..., note: ..., best_last: false, ...}
-      match: contains           # contains | em
+      match: contains           # contains | em | verdict
     data: {path: ..., format: auto, ds_size: 200, offset: 0, unrelated_per_kind: null}
     trainer: {default_root_dir: runs/eren_cfh}
 """
@@ -43,7 +47,8 @@ def build_reader(model_cfg: dict):
             raise ValueError("model.openai needs base_url and model for reader: openai")
         key_env = api.pop("api_key_env", "OPENAI_API_KEY")
         return CachedReader(OpenAIReader(api.pop("base_url"), api.pop("model"), api_key=os.environ.get(key_env),
-                                         max_tokens=model_cfg.get("max_new_tokens", 12), **api))
+                                         max_tokens=model_cfg.get("max_new_tokens", 12),
+                                         stop=model_cfg.get("stop") or (), **api))
     if kind != "hf":
         raise ValueError(f"model.reader must be 'hf' or 'openai', got {kind!r}")
     from repair_pl.models import load_model
@@ -52,7 +57,7 @@ def build_reader(model_cfg: dict):
                                   device=model_cfg.get("device", "cpu"))
     return CachedReader(HFReader(model, tokenizer, max_new_tokens=model_cfg.get("max_new_tokens", 12),
                                  batch_size=model_cfg.get("batch_size", 8), chat=model_cfg.get("chat"),
-                                 system=model_cfg.get("system")))
+                                 system=model_cfg.get("system"), stop=model_cfg.get("stop") or ()))
 
 
 def build_editor(model_cfg: dict, reader=None, encoder=None) -> ErenEditor:
@@ -65,7 +70,8 @@ def build_editor(model_cfg: dict, reader=None, encoder=None) -> ErenEditor:
         raise ValueError(f"unknown model.prompts keys {sorted(unknown)}; known: {sorted(Prompts.__dataclass_fields__)}")
     encoder = encoder or load_encoder(model_cfg.get("encoder"), device=model_cfg.get("device", "cpu"))
     return ErenEditor(reader or build_reader(model_cfg), Notebook(encoder), k=model_cfg.get("k", 5),
-                      prompts=Prompts(**prompts), min_score=model_cfg.get("min_score"))
+                      prompts=Prompts(**prompts), min_score=model_cfg.get("min_score"),
+                      min_relation_score=model_cfg.get("min_relation_score"), extract=bool(model_cfg.get("extract")))
 
 
 def load_config_records(data_cfg: dict):
