@@ -184,3 +184,7 @@ def test_eval_script_analyze(tmp_path, capsys):
     breakdown = script.main(["--analyze", str(tmp_path / "out"), "--min-score", "1.01"])  # gate shuts everything
     assert breakdown["in_scope"]["gated"] == 1.0 and breakdown["unrelated"]["judged_relevant"] == 0.0
     assert "ES 0.0  BP 100.0" in capsys.readouterr().out
+    ungated = script.main(["--analyze", str(tmp_path / "out"), "--grid", "--records", "1-2"])
+    out = capsys.readouterr().out
+    assert ungated["scores"] == {"es": 1.0, "bp": 1.0, "eq": 1.0} and ungated["n_in_scope"] == 2
+    assert "2 records; with min_score None" in out and "0.7/0.3: 50.0 100.0 66.7" in out

@@ -292,7 +292,7 @@ def answer_as_if(q: dict, min_score: float | None = None, min_relation_score: fl
 def gate_sweep(cases: list[dict], thresholds: Sequence[float], rule: str = "contains",
                relation_thresholds: Sequence[float | None] = (None,), extract: bool | None = None) -> dict[str, dict]:
     """ES/BP/EQ had the editor run with ``min_score=t`` (and ``min_relation_score=r``) for each
-    pair, from the traces; keys ``"t"`` or ``"t/r"``.
+    pair, from the traces; keys ``"t"`` or ``"t/r"`` (``"-"`` for ``t=None``).
 
     Exact, not an estimate, for gates at least as tight as the run's own: a gate only sends a
     question closed-book (its ``pre`` answer); every other question is read exactly as it was.
@@ -305,7 +305,8 @@ def gate_sweep(cases: list[dict], thresholds: Sequence[float], rule: str = "cont
                         for c in cases for q in c["eren"]["in_scope"]])
             bp = _mean([float(same_answer(q["pre"], answer_as_if(q, t, r, extract), rule))
                         for c in cases for q in c["eren"]["unrelated"]])
-            sweep[f"{t:g}" if r is None else f"{t:g}/{r:g}"] = {"es": es, "bp": bp, "eq": harmonic_mean(es, bp)}
+            key = ("-" if t is None else f"{t:g}") + ("" if r is None else f"/{r:g}")
+            sweep[key] = {"es": es, "bp": bp, "eq": harmonic_mean(es, bp)}
     return sweep
 
 
