@@ -13,9 +13,9 @@ Two optional steps, not in EREN, help a small reader (both off by default):
 - gates before step 2: ``min_score`` sends a question whose best note scores below it
   closed-book unread; ``min_relation_score`` does the same on the *relation score*, the
   similarity of question and note with the edit's subject masked out of both
-  (:func:`~repair_pl.eren.extract.mask_subject`; when both name it). A question about the same subject but another
-  relation ("Where did X die?" against "X's mother tongue is English.") scores high on the first
-  and low on the second.
+  (:func:`~repair_pl.eren.extract.mask_subject`; the retrieval score when they do not both
+  name it). A question about the same subject but another relation ("Where did X die?"
+  against "X's mother tongue is English.") scores high on the first and low on the second.
 - ``extract``: an answer that shares no word with the spans the best note adds to the question
   is replaced by the note's last such span (:func:`~repair_pl.eren.extract.prefer_note_span`).
 
@@ -81,7 +81,8 @@ class Answer:
     gated: bool = False
     """Sent closed-book unread by a gate (``min_score`` or ``min_relation_score``)."""
     relation_score: float | None = None
-    """Similarity of question and best note with the note's subject masked (``None``: no notes)."""
+    """Similarity of question and best note with the note's subject masked out of both (the
+    retrieval score when they do not both name it; ``None``: no notes)."""
     extracted: bool = False
     """The reader's answer was replaced by a span of the note (the ``extract`` step)."""
 
@@ -165,10 +166,8 @@ class ErenEditor:
         return out
 
     def _gated(self, answer: Answer) -> bool:
-        if self.min_score is not None and answer.scores[0] < self.min_score:
-            return True
-        relation = answer.relation_score if answer.relation_score is not None else answer.scores[0]
-        return self.min_relation_score is not None and relation < self.min_relation_score
+        return ((self.min_score is not None and answer.scores[0] < self.min_score) or
+                (self.min_relation_score is not None and answer.relation_score < self.min_relation_score))
 
     def answer(self, question: str) -> Answer:
         """Answer one question (see the module docstring)."""
