@@ -138,3 +138,17 @@ def test_shipped_fever_config_builds_and_formats():
     # every few-shot example states its verdict in the one-line format the parser reads
     examples = [line.split(": ", 1)[1] for line in read.splitlines() if line.startswith("Verdict: ")]
     assert examples and all(parse_verdict(v) is not None for v in examples)
+
+
+def test_real_fever_file_splits_as_eren_does():
+    path = REPO / "data" / "eren" / "fever_filtered_small.json"
+    assert path.is_file(), f"{path} is missing: run python scripts/get_data.py"
+    records, skipped = load_records(path)
+    raw = json.loads(path.read_text())
+    assert len(raw) == 2048 and len(records) == 1024 and skipped == []
+    assert [r.statement for r in records] == [row["edit_statement"] for row in raw[:1024]]
+    for i in (0, 511, 1023):
+        assert records[i].meta["unrelated"]["out_of_scope"] == [c for c, _ in raw[1024 + i]["edit_scope"]]
+    assert sum(len(r.meta["edit_scope"]) for r in records) == 8999
+    assert sum(len(r.meta["unrelated"]["out_of_scope"]) for r in records) == 9216
+    assert {v for r in records for _, v in r.meta["edit_scope"]} == {SUPPORTS, REFUTES}
