@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torchmetrics.aggregation import MeanMetric
 
-from repair_pl.checkpoint import write_json_atomic
+from repair_pl.checkpoint import write_file_atomic, write_json_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import evaluate_records
+from repair_pl.generation import GenerationCheck, generation_scores, generation_summary
 from repair_pl.lifelong import _markdown, _report, run_lifelong
 
 
@@ -44,7 +45,8 @@ def chunk_indices(n_records: int, T: int, rank: int, world_size: int) -> list[in
 
 
 def case_scores(cases: Sequence[dict]) -> dict[str, list[float]]:
-    """Every scored row of per-case results (EasyEdit shape), pooled by metric name."""
+    """Every scored row of per-case results (EasyEdit shape), pooled by metric name; the
+    generated-answer rows (a case's ``"gen"``) under their summary names (``rewrite_gen_em``, ...)."""
     pools: dict[str, list[float]] = {}
     for case in cases:
         for key, values in case.items():
@@ -52,6 +54,8 @@ def case_scores(cases: Sequence[dict]) -> dict[str, list[float]]:
                 key, values = "locality", values["neighborhood_acc"]
             if isinstance(values, list):
                 pools.setdefault(key, []).extend(v for v in values if not math.isnan(v))
+        for key, values in generation_scores(case.get("gen")).items():
+            pools.setdefault(key, []).extend(values)
     return pools
 
 
@@ -80,7 +84,8 @@ def evaluate_sharded(module, records: Sequence[EditRecord], reference=None, edit
     """Evaluate this rank's share (``records[rank::world]``) of ``records`` through ``module``
     (a :class:`~repair_pl.module.RepairModule`) and return the means over all ranks' rows.
     ``reference``: the unedited model's locality predictions for all ``records``. Call it on
-    every rank of an initialised process group (or without one: a plain evaluation)."""
+    every rank of an initialised process group (or without one: a plain evaluation). Teacher-forced
+    scores only; the generated-answer scores come with :func:`run_lifelong_sharded`."""
     rank, world = rank_and_world()
     mine = list(records[rank::world])
     if not mine:
@@ -94,12 +99,14 @@ def evaluate_sharded(module, records: Sequence[EditRecord], reference=None, edit
 
 def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path, T: int | None = None,
                          dataset: str = "custom", checkpoint_every: int | None = None,
-                         progress: bool = False) -> dict:
+                         progress: bool = False, generation: GenerationCheck | None = None) -> dict:
     """The lifelong protocol of :func:`~repair_pl.lifelong.run_lifelong` with its chunks spread
     over the processes of an initialised process group. Each rank writes its own
     ``out_dir/rank{r}/``; rank 0 writes ``out_dir/results.json`` (all cases, in stream order),
     ``summary.json`` and ``summary.md`` as one process would. Returns the summary on every rank.
-    ``checkpoint_every``: each rank checkpoints (and resumes) its own share in its folder."""
+    ``checkpoint_every``: each rank checkpoints (and resumes) its own share in its folder.
+    ``generation``: as in ``run_lifelong``; each rank generates for its own chunks (its pre-edit
+    answers are the reference for them) and the means are synced like the others."""
     rank, world = rank_and_world()
     T = T or len(records)
     if T > len(records):
@@ -110,7 +117,7 @@ def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path,
         rank_dir = Path(out_dir) / f"rank{rank}"
         resume = {"checkpoint_every": checkpoint_every} if checkpoint_every else {}
         summary = run_lifelong(module, [records[i] for i in mine], rank_dir, T=T, dataset=dataset,
-                               progress=progress and rank == 0, **resume)
+                               progress=progress and rank == 0, generation=generation, **resume)
         local = {"results": json.loads((rank_dir / "results.json").read_text()), "n_failed": summary["n_failed"],
                  "steps": summary["steps_per_edit"] * len(mine), "seconds": summary["seconds_per_edit"] * len(mine),
                  "interventions": summary["interventions"]}
@@ -130,13 +137,15 @@ def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path,
     summary = {"method": module.method, "dataset": dataset, "T": T, "n_edits": n, "pre": pre, "post": post,
                "seconds_per_edit": sum(p["seconds"] for p in parts) / n, "steps_per_edit": sum(p["steps"] for p in parts) / n,
                "n_failed": sum(p["n_failed"] for p in parts), "interventions": interventions, "world_size": world}
+    if generation is not None:
+        summary["generation"] = generation_summary(module.tokenizer, generation)
     if rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         _report("post-edit (all ranks)", post)
         write_json_atomic(out / "results.json", [r for _, r in order], indent=1)
-        write_json_atomic(out / "summary.json", summary, indent=1)
-        (out / "summary.md").write_text(_markdown(summary))
+        write_file_atomic(out / "summary.md", _markdown(summary))
+        write_json_atomic(out / "summary.json", summary, indent=1)  # last: the run is done
     if world > 1:  # every rank returns with rank 0's files on disk
         dist.barrier()
     return summary

@@ -73,9 +73,9 @@ def _load_embedded(name: str):
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race; use its copy
-            import shutil
+            from repair_pl.checkpoint import remove_tree
 
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
     return target
 
 

@@ -1,11 +1,12 @@
-"""``RepairModule``: the frozen LLM plus a trainable side memory; each edit is one short ``fit``."""
+"""``RepairModule``: the frozen LLM plus a trainable memory at one layer; each edit is one short ``fit``."""
 
 from __future__ import annotations
 
+import copy
 import time
-from collections import deque
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from repair_pl.components import RepairComponents
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import encode_pairs
-from repair_pl.losses import distillation_loss, margin_routing_loss
+from repair_pl.losses import distillation_loss
+from repair_pl.memory import EditableLayer, FineTunedLayer, GraceCodebook, SideMemory, class_config
+from repair_pl.memory.batch import flat_indices, predicting
 from repair_pl.models import decoder_layers, load_model
 from repair_pl.placement import PlacedStrategy, accelerator_for, check_device_map, dispatch, module_device
-from repair_pl.baselines import BASELINES, FineTunedLayer, GraceCodebook
-from repair_pl.side_memory import SCORE_TOKENS, SideMemory
+from repair_pl.presets import check_method, default_components, default_memory
 
-METHODS = ("none", "wise", "repair", *BASELINES)
+STATE_FORMAT = 2
+"""Version of the saved edit state (``edits.json``); format 1 states are read too."""
 
 
 @dataclass
@@ -56,122 +60,49 @@ class _Repeat(Dataset):
 
 
 class RepairModule(L.LightningModule):
-    """Lifelong editor: a frozen causal LM whose layer ``layer`` MLP down projection is wrapped
-    in a :class:`SideMemory`. ``edit(record)`` runs one short ``Trainer.fit`` on this module.
+    """Lifelong editor: a frozen causal LM whose MLP down projection at layer ``layer`` is
+    replaced by ``memory`` (an :class:`~repair_pl.memory.EditableLayer`); ``edit(record)`` runs
+    one short ``Trainer.fit`` that trains the memory alone.
 
     Args:
         model: ``"smollm2"`` (embedded default), a local HF folder, a ``.gguf`` file, a hub id,
             or an already loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
         tokenizer: the tokenizer when ``model`` is an object.
-        method: ``"none"`` (no editing: evaluate the base model), ``"wise"``, ``"repair"``, or a
-            baseline at the same layer (:mod:`repair_pl.baselines`): ``"ft_l"`` (constrained
-            fine-tuning of the layer) or ``"grace"`` (GRACE's key-value codebook). The baselines
-            train on the bare prompt with ``max_steps`` steps; WISE/REPAIR options (routing,
-            prefixes, shards, REPAIR's components) do not apply to them.
+        memory: the layer that holds the edits: :class:`~repair_pl.memory.SideMemory` (WISE,
+            REPAIR), :class:`~repair_pl.memory.FineTunedLayer` (FT-L, FT-M) or
+            :class:`~repair_pl.memory.GraceCodebook` (GRACE); ``None``: the preset's.
+        components: REPAIR's components (:class:`~repair_pl.components.RepairComponents`);
+            ``None``: the preset's (REPAIR's for ``method="repair"``, none otherwise).
+        method: a preset naming the parts (:data:`repair_pl.presets.METHODS`): ``repair``
+            (default), ``wise``, ``ft_l``, ``ft_m``, ``grace``, or ``none`` (no editing: the
+            unedited model is evaluated). Parts given explicitly must be the method's kind
+            (e.g. ``components`` only with ``repair``); ``None``: named after the parts.
         layer: index of the edited decoder layer; default ``round(0.85 * n_layers)``.
-        lr: SGD learning rate on the side memory.
         max_steps: optimisation steps per edit (the budget).
-        act_ratio: routing threshold epsilon = act_ratio x min in-scope score.
-        alpha, beta, gamma: margins of the routing loss (out-of-scope ceiling, in-scope floor, gap).
-        routing_weight: weight of the routing loss against the target cross-entropy.
-        prompt_weight: share of the target cross-entropy given to the bare prompt (the rest to the
-            prefixed copies); ``None``: one mean over every answer token (WISE). Ours: the bare
-            prompt is what Rel measures, and as one row in eleven it was the last to converge.
-        mask_ratio: share of side-memory entries a shard may change.
-        disjoint_masks: the shards of a REPAIR batch get disjoint masks of ``min(mask_ratio, 1 /
-            n_shards)`` each, so merging them keeps every shard whole (ours; ``None``: on with
-            REPAIR's distribution-aware memory, off for WISE, whose shards overlap at random).
-        norm_constraint: W' stays within +-norm_constraint (elementwise) of its value at the
-            start of the edit; ``None`` disables.
-        n_prefixes: random context prefixes generated once by the model; the edit is trained on
-            the prompt alone and behind each prefix.
-        prefix_tokens: length in tokens of each generated prefix.
-        save_freq: store the current shard every N edits (``None``: never).
-        merge_freq: merge the stored shards into the side memory every N edits (``None``: never).
-        merge_method: ``ties``, ``dare_ties``, ``linear``, ``slerp`` or ``sign``.
-        density: trim density of TIES/DARE.
-        retrieve: WISE-Retrieve: keep merged memories apart and route top-1 by score.
-        score_tokens: where the routing score is read: ``"mean"`` over the prompt's tokens (WISE)
-            or ``"last"``, the prompt's last token alone (ours; README "Design choices"), whose
-            output the edit trains to produce the answer; ``None``: ``"last"`` for
-            ``method="repair"``, ``"mean"`` for ``"wise"``.
-        n_negatives: also hold down the scores of the routing prompts of up to N earlier edits
-            (ours; WISE uses only the edit's own). As edits accumulate, the side memory drifts
-            on all text; a short replay of negatives keeps unrelated scores low (locality).
-        progressive, closed_loop, distribution_aware, error_feedback: REPAIR's components
-            (:mod:`repair_pl.callbacks`); ``None`` means on for ``method="repair"`` and off for
-            ``"wise"``. Switch one off for an ablation.
-        loss_aware_merge: with distribution-aware memory, weigh shards by 1/(final loss + eps)
-            (in TIES where shards share entries, i.e. with ``disjoint_masks=False``).
-        stack_shards: a new shard starts where the stored ones left ``W'`` instead of from the
-            merged memory, so its edits are trained beside theirs (ours; see README).
-        recalibration_margin: after each REPAIR merge the routing threshold is set to this
-            fraction of the weakest score among the batch's edits (:meth:`recalibrate_routing`).
-        decay_factor, threshold, min_intervention, stop_loss, routing_tolerance, plateau_window: see
-            :class:`~repair_pl.callbacks.ProgressiveIntervention`.
-        stagnation_window, max_lr_factor, divergence_factor, max_rollbacks: see
-            :class:`~repair_pl.callbacks.ClosedLoopFeedback`; ``undo_unreached`` is its
-            ``fail_unconverged`` (turn it off for long-form targets that are never fully predicted).
-        cluster_size, cluster_method, heterogeneous: see
-            :class:`~repair_pl.callbacks.DistributionAwareMemory`.
-        tau_prune, max_retries: see :class:`~repair_pl.callbacks.ErrorFeedback`.
-        distillation, distill_weight, distill_temperature: REPAIR's in-batch distillation (off by
-            default): later edits of a shard keep the shard's first edit's output
-            (:class:`~repair_pl.callbacks.InBatchDistillation`).
-        edit_batch_size: REPAIR edits the stream in batches of this many records (clustered
-            inside, merged and re-checked between batches); ``None``: the whole chunk.
-        ft_lr, ft_norm_constraint, ft_stop_loss: FT-L's Adam learning rate, elementwise bound
-            around the unedited weight, and early stop once the loss is below ``ft_stop_loss``
-            (``None``: always ``max_steps``); EasyEdit's 5e-4 box cannot move SmolLM2 (README).
-        grace_eps, grace_lr: GRACE's initial radius of a new key (L2, in the units of the
-            down projection's input) and the SGD learning rate of its value (README, Baselines).
-        grace_stop_loss: GRACE's early stop: training a value ends once the prompt's target is
-            fully predicted and the loss is below this (``None``: always ``max_steps``).
-        dtype: dtype of the frozen model (the side memory is always fp32).
+        dtype: dtype of the frozen model (the memory is always fp32).
         device_map: spread the frozen model over several devices with accelerate (``"auto"``,
-            or ``{module name: device}``); the side memory lives on the edited layer's device and
+            or ``{module name: device}``); the memory lives on the edited layer's device and
             inputs go to the embedding's. ``None``: the module sits on one device (``.to()``).
         eval_batch_size: batch size of evaluation.
         max_length: longest sequence in tokens (prompts are cut from the left past it).
-        seed: seeds masks and prefixes.
+        seed: seeds masks, prefixes and generated out-of-scope texts.
     """
 
-    def __init__(self, model: Any = "smollm2", tokenizer: Any = None, method: str = "wise",
-                 layer: int | None = None, lr: float = 1.0, max_steps: int = 70, act_ratio: float = 0.88,
-                 alpha: float = 5.0, beta: float = 20.0, gamma: float = 10.0, routing_weight: float = 1.0,
-                 prompt_weight: float | None = None,
-                 mask_ratio: float = 0.2, disjoint_masks: bool | None = None, stack_shards: bool = False,
-                 norm_constraint: float | None = 1.0, n_prefixes: int = 10,
-                 prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
-                 merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
-                 score_tokens: str | None = None, progressive: bool | None = None, closed_loop: bool | None = None,
-                 distribution_aware: bool | None = None, error_feedback: bool | None = None,
-                 loss_aware_merge: bool = True, recalibration_margin: float = 0.91, decay_factor: float = 0.95, threshold: float = 0.01,
-                 min_intervention: float = 0.1, stop_loss: float | None = None,
-                 routing_tolerance: float = float("inf"), plateau_window: int | None = None,
-                 stagnation_window: int = 5,
-                 max_lr_factor: float = 4.0, undo_unreached: bool = True, divergence_factor: float = 3.0, max_rollbacks: int = 3, cluster_size: int = 5,
-                 cluster_method: str = "kmeans", heterogeneous: bool = False, tau_prune: float = 0.5,
-                 max_retries: int = 2, distillation: bool = False, distill_weight: float = 0.2,
-                 distill_temperature: float = 2.0, edit_batch_size: int | None = None,
-                 ft_lr: float = 1e-2, ft_norm_constraint: float | None = 1e-2, ft_stop_loss: float | None = 0.01,
-                 grace_eps: float = 1.0, grace_lr: float = 300.0, grace_stop_loss: float | None = 0.1,
-                 dtype: str = "float32", device_map: str | dict[str, int | str] | None = None,
+    def __init__(self, model: Any = "smollm2", tokenizer: Any = None, memory: EditableLayer | None = None,
+                 components: RepairComponents | None = None, method: str | None = None, layer: int | None = None,
+                 max_steps: int = 70, dtype: str = "float32", device_map: str | dict[str, int | str] | None = None,
                  eval_batch_size: int = 16, max_length: int | None = 256, seed: int = 0):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"model.method must be one of {METHODS}, got {method!r}")
-        if method in BASELINES:
-            _check_baseline_options(method, progressive=progressive, closed_loop=closed_loop,
-                                    distribution_aware=distribution_aware, error_feedback=error_feedback,
-                                    retrieve=retrieve, save_freq=save_freq, merge_freq=merge_freq,
-                                    disjoint_masks=disjoint_masks, stack_shards=stack_shards)
-        _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, edit_batch_size=edit_batch_size,
-                       save_freq=save_freq, merge_freq=merge_freq, max_length=max_length, n_prefixes=n_prefixes,
-                       n_negatives=n_negatives, mask_ratio=mask_ratio, prompt_weight=prompt_weight,
-                       recalibration_margin=recalibration_margin, merge_method=merge_method,
-                       cluster_method=cluster_method, score_tokens=score_tokens)
-        self.save_hyperparameters(ignore=["model", "tokenizer"] if not isinstance(model, str) else ["tokenizer"])
+        method = _method_of(memory, components) if method is None else method
+        check_method(method)
+        if memory is None:
+            memory = default_memory(method)
+        if components is None:
+            components = default_components(method)
+        _check_parts(method, memory, components)
+        _check_options(max_steps=max_steps, eval_batch_size=eval_batch_size, max_length=max_length)
+        ignore = ["tokenizer", "memory", "components"] + ([] if isinstance(model, str) else ["model"])
+        self.save_hyperparameters(ignore=ignore)
         check_device_map(device_map)
         if isinstance(model, str):
             model, tokenizer = load_model(model, dtype=dtype, device_map=device_map)
@@ -192,153 +123,121 @@ class RepairModule(L.LightningModule):
         if mlp.down_proj.weight.device.type == "meta":
             raise ValueError(f"layer {self.layer} was offloaded by device_map (its weights are not on a device); "
                              f"the edited layer must sit on a GPU: give the GPUs more max_memory or use more GPUs")
-        # The layer that wraps down_proj: WISE's side memory, or a baseline with its interface.
-        if method == "ft_l":
-            self.memory = FineTunedLayer(mlp.down_proj, norm_constraint=ft_norm_constraint)
-        elif method == "grace":
-            self.memory = GraceCodebook(mlp.down_proj, eps=grace_eps)
-        else:
-            if disjoint_masks is None:  # with REPAIR's distribution-aware memory
-                disjoint_masks = _component_on(method, distribution_aware)
-            if score_tokens is None:  # WISE's mean for method wise; the last token for REPAIR
-                score_tokens = "last" if method == "repair" else "mean"
-            self.memory = SideMemory(mlp.down_proj, act_ratio=act_ratio, mask_ratio=mask_ratio,
-                                     merge_method=merge_method, density=density, retrieve=retrieve,
-                                     disjoint=disjoint_masks, stack=stack_shards, score_tokens=score_tokens,
-                                     seed=seed)
-        mlp.down_proj = self.memory
-        if isinstance(self.memory, SideMemory):
-            self.memory.new_mask()
         self.method = method
+        self.memory = memory
+        # a copy: the run's state lives in the components, and a default instance may be shared
+        self.components = copy.deepcopy(components)
+        self.edit_callbacks: list[L.Callback] = self.components.callbacks() if self.components else []
+        if memory is not None:
+            memory.attach(mlp.down_proj, seed)
+            mlp.down_proj = memory
+        for component in self.edit_callbacks:
+            component.bind(self)
+        if memory is not None:
+            memory.reset(seed)
+        # what really runs, for the saved config, the run's fingerprint and the loggers
+        self.hparams.update(method=method, memory=None if memory is None else class_config(memory),
+                            components=None if self.components is None else self.components.config())
         self.edit_count = 0
-        self.prefixes: list[str] | None = None
         self.trainer_kwargs: dict[str, Any] = {"accelerator": "auto", "devices": 1}
-        self.edit_callbacks: list[L.Callback] = self._build_callbacks()
         self.intervention = 1.0
         self.edit_failed: str | None = None
-        self.step_stats: dict[str, float] = {}
+        self.step_stats: Mapping[str, float] = {}
         self.shard_plan: list[list[EditRecord]] | None = None
-        self.edit_start_weight: Tensor | None = None
         self.distill_teacher: tuple | None = None  # set by InBatchDistillation for one edit
+        self.routing_floor: float | None = None  # routing threshold before the current batch
         self._lower: tuple[tuple, dict] | None = None
         # Inputs of the edited layer per record of the current edit batch, so that error
         # feedback's re-edits skip the frozen layers below it (see edit_stream); capped in size.
         self._lower_cache: dict[int, tuple[Tensor, tuple[tuple, dict]]] | None = None
         self._lower_cache_bytes = 0
         self.lower_cache_mb = 512.0
-        self._negatives: deque[list[int]] = deque(maxlen=n_negatives)
         self._retries: list[tuple[EditRecord, EditResult]] = []
-        self._routing_floor: float | None = None  # min in-scope score before the current batch
 
     # ---- placement ---------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         """Where inputs go: the device of the input embedding. With ``device_map`` the model
-        spans several devices; the side memory sits on the edited layer's (``memory.side.device``)."""
+        spans several devices; the memory sits on the edited layer's."""
         model = self.__dict__.get("_modules", {}).get("model")
         return super().device if model is None else module_device(model.get_input_embeddings())
 
     # ---- forward / inference -----------------------------------------------------------------
+    @contextmanager
+    def memory_mode(self, mode: str) -> Iterator[None]:
+        """Run the memory in ``mode`` ("off": the unedited model, "edit", "route") and restore
+        the mode it had, whatever happens inside."""
+        if self.memory is None:
+            yield
+            return
+        previous, self.memory.mode = self.memory.mode, mode
+        try:
+            yield
+        finally:
+            self.memory.mode = previous
+
+    def _routing(self, mask: Tensor | None, sticky: bool = False, texts: list[str] | None = None):
+        return nullcontext() if self.memory is None else self.memory.routing(mask, sticky, texts)
+
+    def _routes_by_prompt(self) -> bool:
+        return getattr(self.memory, "router", None) is not None and self.memory.mode == "route"
+
+    def prompt_texts(self, input_ids: Tensor, mask: Tensor | None = None) -> list[str]:
+        """The text of each row's tokens in ``mask`` (its prompt), as the tokenizer decodes it:
+        what a memory that routes by prompt compares (its keys are decoded the same way)."""
+        rows = input_ids if mask is None else [ids[m.bool()] for ids, m in zip(input_ids, mask)]
+        return self.tokenizer.batch_decode([row.tolist() for row in rows], skip_special_tokens=True)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 route_mask: Tensor | None = None) -> Tensor:
-        """Logits of the edited model; routing looks at the tokens in ``route_mask``."""
-        if route_mask is None:
-            route_mask = attention_mask
-        with self.memory.routing(route_mask):
+        """Logits of the edited model; routing looks at the tokens in ``route_mask`` (a memory
+        that routes by prompt gets them as text)."""
+        mask = attention_mask if route_mask is None else route_mask
+        texts = self.prompt_texts(input_ids, mask) if self._routes_by_prompt() else None
+        with self._routing(mask, texts=texts):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def logits_fn(self, edited: bool = True):
         """A :data:`repair_pl.evaluate.LogitsFn` for the edited (or, with False, unedited) model."""
 
         def run(input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor) -> Tensor:
-            previous = self.memory.mode
-            self.memory.mode = "route" if edited else "off"
-            try:
+            with self.memory_mode("route" if edited else "off"):
                 return self(input_ids, attention_mask, prompt_mask)
-            finally:
-                self.memory.mode = previous
 
         return run
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int = 20, edited: bool = True, **kwargs) -> list[str]:
-        """Greedy generation with a KV cache; routing is decided once per sequence from its prompt."""
-        self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        self.tokenizer.padding_side = "right"
-        self.memory.mode = "route" if edited else "off"
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, edited: bool = True, **kwargs) -> list[str]:
+        """Greedy generation with a KV cache; routing is decided once per sequence from its
+        prompt. The tokenizer and the memory are left as they were found."""
+        tokenizer = self.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
-            with self.memory.routing(enc.attention_mask, sticky=True):
-                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
         finally:
-            self.memory.mode = "route"
-        return self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            tokenizer.padding_side = side
+        by_prompt = edited and getattr(self.memory, "router", None) is not None
+        texts = self.prompt_texts(enc.input_ids, enc.attention_mask) if by_prompt else None
+        with self.memory_mode("route" if edited else "off"), self._routing(enc.attention_mask, sticky=True, texts=texts):
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id, **kwargs)
+        return tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
-    # ---- preparing an edit -------------------------------------------------------------------
     @torch.no_grad()
-    def context_prefixes(self) -> list[str]:
-        """WISE's random context prefixes, generated once by the frozen model (seeded)."""
-        if self.prefixes is None:
-            n = self.hparams.n_prefixes
-            starts = ["The", "Therefore", "Because", "I", "You"]
-            prefixes = []
-            gen_state = torch.random.get_rng_state()
-            torch.manual_seed(self.hparams.seed)
-            self.memory.mode = "off"
+    def sample_texts(self, starts: Sequence[str], n: int, max_new_tokens: int, seed_offset: int = 0) -> list[str]:
+        """``n`` texts the frozen (unedited) model writes by top-5 sampling, the i-th begun with
+        ``starts[i % len(starts)]``, seeded with ``seed + seed_offset``; newlines become spaces.
+        The global RNG (CUDA included) is left as it was."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        texts = []
+        with torch.random.fork_rng(devices=devices), self.memory_mode("off"):
+            torch.manual_seed(self.hparams.seed + seed_offset)
             for i in range(n):
                 enc = self.tokenizer([starts[i % len(starts)]], return_tensors="pt").to(self.device)
-                out = self.model.generate(**enc, max_new_tokens=self.hparams.prefix_tokens, do_sample=True,
-                                          top_k=5, pad_token_id=self.tokenizer.pad_token_id)
-                text = self.tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " ").strip()
-                prefixes.append(text + ". ")
-            self.memory.mode = "route"
-            torch.random.set_rng_state(gen_state)
-            self.prefixes = prefixes
-        return self.prefixes
-
-    def prepare_edit(self, record: EditRecord, device: torch.device | None = None) -> dict[str, Tensor | int]:
-        """Tensors of one edit: the prompt (bare and behind each prefix) + target as edit rows,
-        then the out-of-scope rows: the record's routing prompt and up to ``n_negatives``
-        routing prompts of earlier edits. The baselines train on the bare prompt alone (as their
-        reference code does): one edit row. With ``device``, the tensors are moved there (once
-        per edit, not per step)."""
-        batch = self._edit_tensors(record)
-        if device is None:
-            return batch
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-    def _edit_tensors(self, record: EditRecord) -> dict[str, Tensor | int]:
-        if self.method in BASELINES:
-            edit = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length)
-            return _with_loss_indices({"input_ids": edit.input_ids, "attention_mask": edit.attention_mask,
-                                       "route_mask": edit.prompt_mask, "answer_mask": edit.answer_mask,
-                                       "is_edit": torch.ones(1, dtype=torch.bool)})
-        prompts = [record.prompt] + [p + record.prompt for p in self.context_prefixes()]
-        edit = encode_pairs(self.tokenizer, prompts, [record.target] * len(prompts), self.hparams.max_length)
-        out_text = record.routing_prompt or "nq question: who wrote the novel moby dick Herman Melville"
-        out_rows = [self.tokenizer([out_text]).input_ids[0][: self.hparams.max_length or None]]
-        out_rows += list(self._negatives)
-        if self.hparams.n_negatives:
-            self._negatives.appendleft(out_rows[0])
-        n_edit = edit.input_ids.shape[0]
-        rows, width = n_edit + len(out_rows), max(edit.input_ids.shape[1], *map(len, out_rows))
-
-        def pad(t: Tensor, value) -> Tensor:
-            full = torch.full((rows, width), value, dtype=t.dtype)
-            full[: t.shape[0], : t.shape[1]] = t
-            return full
-
-        input_ids = pad(edit.input_ids, self.tokenizer.pad_token_id)
-        attention_mask = pad(edit.attention_mask, 0)
-        route_mask, answer_mask = pad(edit.prompt_mask, False), pad(edit.answer_mask, False)
-        for i, ids in enumerate(out_rows, start=n_edit):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-            route_mask[i, : len(ids)] = True
-        is_edit = torch.arange(rows) < n_edit
-        return _with_loss_indices({"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
-                                   "answer_mask": answer_mask, "is_edit": is_edit})
+                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, top_k=5,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+                texts.append(self.tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " ").strip())
+        return texts
 
     # ---- the edit step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -363,7 +262,7 @@ class RepairModule(L.LightningModule):
 
     def upper_forward(self, lower: tuple[tuple, dict], positions: Tensor, rows: int | None = None) -> Tensor:
         """Run the edited layer and those above it from cached inputs; return logits at
-        ``positions`` only (flat indices into the (B, T) positions, see :func:`_flat_indices`),
+        ``positions`` only (flat indices into the (B, T) positions, see :func:`~repair_pl.memory.batch.flat_indices`),
         since the loss needs no other. With ``rows``, only the first ``rows`` sequences go on
         above the edited layer: the out-of-scope rows after them count only through their
         scores in it, so running them higher would be wasted work."""
@@ -382,62 +281,34 @@ class RepairModule(L.LightningModule):
         return self.model.lm_head(self.model.model.norm(hidden))
 
     def edit_losses(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> dict[str, Tensor]:
-        """Target cross-entropy on the edit rows + margin routing loss (edit rows vs last row).
-        ``batch`` comes from :meth:`prepare_edit`; its index tensors let a step run without
+        """The memory's losses on the edit ``batch`` (from its ``prepare``), plus in-batch
+        distillation when a teacher is set. The batch's index tensors let a step run without
         waiting on the GPU (no boolean indexing, no reading values back)."""
         if lower is None:
             lower = self.lower_states(batch)
-        with self.memory.routing(batch["route_mask"]):  # edit rows come first (prepare_edit)
+        with self.memory.routing(batch["route_mask"]):  # edit rows come first
             logits = self.upper_forward(lower, batch["positions"], rows=len(batch["edit_rows"]))
         # With a device_map, logits come from the last GPU and scores from the edited layer's.
-        labels = batch["labels"].to(logits.device)
-        if self.method in BASELINES:
-            return self._baseline_losses(logits, labels)
-        scores = self.memory.last_scores
-        hp, n_first = self.hparams, batch["n_first"]  # the bare prompt's answer positions come first
-        edit_rows, other_rows = batch["edit_rows"].to(scores.device), batch["other_rows"].to(scores.device)
-        token_ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-        if hp.prompt_weight is None or n_first == len(labels):
-            edit_loss = token_ce.mean()
-        else:
-            edit_loss = hp.prompt_weight * token_ce[:n_first].mean() + (1 - hp.prompt_weight) * token_ce[n_first:].mean()
-        routing = margin_routing_loss(scores[edit_rows], scores[other_rows], hp.alpha, hp.beta, hp.gamma)
-        routing = routing.to(edit_loss.device)
-        correct = (logits[:n_first].argmax(-1) == labels[:n_first]).all().float()
-        loss, distill = edit_loss + hp.routing_weight * routing, edit_loss.new_zeros(())
+        out = self.memory.losses(logits, batch["labels"].to(logits.device), batch)
+        distill = out["loss"].new_zeros(())
         if self.distill_teacher is not None:
             t_lower, t_positions, t_logits, weight, temperature = self.distill_teacher
             with self.memory.routing(None):
                 distill = distillation_loss(self.upper_forward(t_lower, t_positions), t_logits, temperature)
-            loss = loss + weight * distill
-        return {"loss": loss, "edit_loss": edit_loss, "routing_loss": routing, "distill_loss": distill.detach(),
-                "in_scope": scores[0].detach(), "out_scope": scores[other_rows].max().detach(),
-                "target_correct": correct}
+            out["loss"] = out["loss"] + weight * distill
+        return {**out, "distill_loss": distill.detach()}
 
     @torch.no_grad()
     def answer_logits(self, record: EditRecord) -> tuple[tuple, Tensor, Tensor]:
         """``(lower states, answer positions, logits there)`` of ``prompt + target`` through the
         side memory as it trains (mode "edit"): the teacher of in-batch distillation."""
         enc = encode_pairs(self.tokenizer, [record.prompt], [record.target], self.hparams.max_length)
-        positions = _flat_indices(_predicting(enc.answer_mask))  # on the CPU, once per record
+        positions = flat_indices(predicting(enc.answer_mask))  # on the CPU, once per record
         enc = enc.to(self.device)
         lower = self.lower_states({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
-        previous = self.memory.mode
-        self.memory.mode = "edit"
-        try:
-            with self.memory.routing(None):
-                logits = self.upper_forward(lower, positions)
-        finally:
-            self.memory.mode = previous
+        with self.memory_mode("edit"), self.memory.routing(None):
+            logits = self.upper_forward(lower, positions)
         return lower, positions, logits
-
-    def _baseline_losses(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """FT-L and GRACE: cross-entropy on the target tokens only (no routing loss)."""
-        edit_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        zero = edit_loss.new_zeros(()).detach()
-        correct = (logits.argmax(-1) == labels).all().float()
-        return {"loss": edit_loss, "edit_loss": edit_loss, "routing_loss": zero, "in_scope": zero, "out_scope": zero,
-                "target_correct": correct}
 
     # ---- Lightning hooks ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -452,88 +323,32 @@ class RepairModule(L.LightningModule):
         return out["loss"]
 
     def on_after_backward(self) -> None:
-        # only the current shard's entries may change
-        if isinstance(self.memory, SideMemory) and self.memory.side.grad is not None:
-            self.memory.side.grad.mul_(self.memory.mask)
+        self.memory.after_backward()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if isinstance(self.memory, FineTunedLayer):
-            self.memory.constrain()
-            if self.hparams.ft_stop_loss is not None and self.step_stats["edit_loss"] < self.hparams.ft_stop_loss:
-                self.trainer.should_stop = True
-        elif isinstance(self.memory, GraceCodebook):
-            stop, last = self.hparams.grace_stop_loss, self.step_stats
-            if stop is not None and last["target_correct"] == 1.0 and last["edit_loss"] < stop:
-                self.trainer.should_stop = True
-        elif self.hparams.norm_constraint is not None and self.edit_start_weight is not None:
-            c = self.hparams.norm_constraint
-            with torch.no_grad():
-                self.memory.side.copy_(torch.clamp(self.memory.side, self.edit_start_weight - c, self.edit_start_weight + c))
+        if self.memory.after_step(self.step_stats):
+            self.trainer.should_stop = True
 
     def configure_optimizers(self):
-        hp = self.hparams
-        if self.method == "ft_l":  # EasyEdit's FT-L optimiser
-            optimizer, lr = torch.optim.Adam([self.memory.weight], lr=hp.ft_lr), hp.ft_lr
-        elif self.method == "grace":
-            optimizer, lr = torch.optim.SGD([self.memory.value], lr=hp.grace_lr), hp.grace_lr
-        else:
-            optimizer, lr = torch.optim.SGD([self.memory.side], lr=hp.lr), hp.lr
-        optimizer.param_groups[0]["base_lr"] = lr  # callbacks scale from here
-        return optimizer
+        return self.memory.configure_optimizer()
 
     def apply_lr(self, trainer) -> None:
-        """Set the learning rate to ``base_lr x intervention`` (callbacks change either factor)."""
+        """Set the learning rate to ``base_lr x intervention`` (components change either factor)."""
         for group in trainer.optimizers[0].param_groups:
             group["lr"] = group["base_lr"] * self.intervention
 
     def fail_edit(self, reason: str) -> None:
-        """Undo the edit in progress: the side memory returns bit-identical to before it."""
-        with torch.no_grad():
-            self.memory.side.copy_(self.edit_start_weight)
+        """Undo the edit in progress: the memory returns bit-identical to before it."""
+        self.memory.undo_edit()
         self.edit_failed = reason
 
-    def _build_callbacks(self) -> list[L.Callback]:
-        """REPAIR's components from the flags (``None`` = on for ``repair``, off otherwise)."""
-        from repair_pl.callbacks import (ClosedLoopFeedback, DistributionAwareMemory, ErrorFeedback,
-                                         InBatchDistillation, MemoryMerging, ProgressiveIntervention)
-
-        hp = self.hparams
-
-        def on(flag):
-            return _component_on(self.method, flag)
-
-        callbacks: list[L.Callback] = []
-        if on(hp.closed_loop):
-            callbacks.append(ClosedLoopFeedback(window=hp.stagnation_window, max_lr_factor=hp.max_lr_factor,
-                                                fail_unconverged=hp.undo_unreached,
-                                                divergence_factor=hp.divergence_factor,
-                                                max_rollbacks=hp.max_rollbacks))
-        if on(hp.progressive):  # after closed loop: it applies the final lr of the step
-            callbacks.append(ProgressiveIntervention(hp.decay_factor, hp.threshold, hp.min_intervention,
-                                                     stop_loss=hp.stop_loss, routing_tolerance=hp.routing_tolerance,
-                                                     plateau_window=hp.plateau_window))
-        if on(hp.distribution_aware):
-            callbacks.append(DistributionAwareMemory(hp.cluster_size, method=hp.cluster_method,
-                                                     heterogeneous=hp.heterogeneous, seed=hp.seed))
-            callbacks.append(MemoryMerging(loss_aware=hp.loss_aware_merge))
-        if hp.distillation:  # after the shard plan exists, before error feedback's re-edits
-            callbacks.append(InBatchDistillation(hp.distill_weight, hp.distill_temperature))
-        if on(hp.error_feedback):  # after merging: re-checks the merged memory
-            callbacks.append(ErrorFeedback(tau_prune=hp.tau_prune, max_retries=hp.max_retries))
-        return callbacks
-
+    @property
     def _reedits_possible(self) -> bool:
-        from repair_pl.callbacks import ErrorFeedback
-
-        return any(isinstance(cb, ErrorFeedback) for cb in self.edit_callbacks)
-
-    def _stream_callbacks(self):
-        from repair_pl.callbacks import EditStreamCallback
-
-        return [cb for cb in self.edit_callbacks if isinstance(cb, EditStreamCallback)]
+        """Only error feedback edits a record twice; without it no lower-layer cache is worth keeping."""
+        return self.components is not None and self.components.error_feedback is not None
 
     def intervention_counts(self) -> dict[str, int]:
-        """Counts of every intervention the callbacks made in this run."""
+        """Counts of every intervention the components made in this run."""
         counts: dict[str, int] = {}
         for cb in self.edit_callbacks:
             for key, value in getattr(cb, "counts", {}).items():
@@ -553,22 +368,19 @@ class RepairModule(L.LightningModule):
                          **kwargs)
 
     def edit(self, record: EditRecord, retry: bool = False) -> EditResult:
-        """Apply one edit: a short ``fit`` on the side memory, then update routing and shards.
-        A failed edit (see :class:`~repair_pl.callbacks.ClosedLoopFeedback`) leaves the side
-        memory exactly as before it."""
+        """Apply one edit: a short ``fit`` of the memory, then update routing and shards. A
+        failed edit (see :class:`~repair_pl.components.ClosedLoopFeedback`) leaves the memory
+        exactly as before it."""
         start = time.perf_counter()
-        if self.method == "none":
+        if self.memory is None:
             return EditResult(0, 0.0, 0.0, 0.0, 0.0, 0.0, success=False)
-        streams = self._stream_callbacks()
+        streams = self.edit_callbacks
         for cb in streams:
             cb.on_edit_start(self, record)
-        batch = self.prepare_edit(record, self.device)
-        side_memory = isinstance(self.memory, SideMemory)
-        self.edit_start_weight = self.memory.side.detach().clone() if side_memory else None
+        batch = self.prepare_edit(record, retry)
         self._lower = self._cached_lower(record, batch)  # None: the first step computes it
         self.edit_failed, self.intervention, self.step_stats = None, 1.0, {}
-        if self.method == "grace":
-            self._add_grace_key(record, batch)
+        self.memory.begin_edit(record, batch, self)
         self.memory.mode = "edit"
         self.memory.invalidate()
         with _quiet_lightning():
@@ -576,18 +388,13 @@ class RepairModule(L.LightningModule):
             trainer.fit(self, DataLoader(_Repeat(batch, self.hparams.max_steps), batch_size=None))
         steps = trainer.global_step
         self.eval()
-        if self.method == "grace":
-            self.memory.end_edit()
         self.memory.mode = "route"
         self.memory.invalidate()
         success = self.edit_failed is None
         if self._lower is not None:
             self._cache_lower(record, batch)
-        score = self.trained_score(batch, self._lower) if success and side_memory else float("nan")
-        if success and side_memory:
-            self.memory.record_in_scope(score)
-            self.memory.note_edit_loss(self.step_stats.get("edit_loss", 0.0))
-        self.edit_start_weight, self._lower = None, None
+        score = self.memory.finish_edit(record, batch, self, success)
+        self._lower = None
         last = self.step_stats
         result = EditResult(steps, last.get("loss", float("nan")), last.get("edit_loss", float("nan")),
                             last.get("routing_loss", float("nan")), time.perf_counter() - start, score, success,
@@ -596,18 +403,16 @@ class RepairModule(L.LightningModule):
                             target_reached=success and last.get("target_correct") == 1.0)
         if not retry:
             self.edit_count += 1
-            self._after_edit()
+            self.memory.after_edit(self.edit_count)
         for cb in streams:
             cb.on_edit_end(self, record, result)
         return result
 
-    @torch.no_grad()
-    def _add_grace_key(self, record: EditRecord, batch: dict[str, Tensor]) -> None:
-        """GRACE: the key is the down projection's input at the prompt's last token (read from
-        the unedited model); its value starts as the frozen output there."""
-        self.memory.mode = "off"
-        self(batch["input_ids"], batch["attention_mask"], batch["route_mask"])
-        self.memory.add_edit(self.memory.last_queries[0], record.target, self.memory.last_outputs[0])
+    def prepare_edit(self, record: EditRecord, retry: bool = False) -> dict[str, Any]:
+        """The memory's edit batch for ``record`` on the module's device (moved once per edit, not
+        per step); ``retry``: a re-edit of a record edited before (adds nothing to replay)."""
+        batch = self.memory.prepare(record, self, retry)
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     def _cached_lower(self, record: EditRecord, batch: dict[str, Tensor]) -> tuple[tuple, dict] | None:
         """The edited layer's inputs for ``batch`` when this record was edited earlier in the
@@ -631,13 +436,6 @@ class RepairModule(L.LightningModule):
         self._retries.append((record, result))
         return result
 
-    def _after_edit(self) -> None:
-        hp = self.hparams
-        if hp.save_freq and self.edit_count % hp.save_freq == 0:
-            self.memory.save_shard()
-        if hp.merge_freq and self.edit_count % hp.merge_freq == 0:
-            self.memory.merge_shards()
-
     @torch.no_grad()
     def in_scope_score(self, record: EditRecord) -> float:
         """Activation score of the bare edit prompt through the current side memory."""
@@ -647,14 +445,11 @@ class RepairModule(L.LightningModule):
     def in_scope_scores(self, records: list[EditRecord]) -> list[float]:
         """Activation scores of the bare edit prompts through the current side memory (mode
         "edit": ``W'`` itself, not the routed choice), ``eval_batch_size`` prompts per forward."""
-        out, previous = [], self.memory.mode
-        self.memory.mode = "edit"
-        try:
+        out = []
+        with self.memory_mode("edit"):
             for enc in self.encoded_records(records):
                 self(enc.input_ids, enc.attention_mask, enc.prompt_mask)
                 out += self.memory.last_scores.tolist()
-        finally:
-            self.memory.mode = previous
         return out
 
     def encoded_records(self, records: list[EditRecord]):
@@ -666,35 +461,14 @@ class RepairModule(L.LightningModule):
                                self.hparams.max_length).to(self.device)
 
     @torch.no_grad()
-    def trained_score(self, batch: dict[str, Tensor], lower: tuple[tuple, dict] | None = None) -> float:
+    def trained_score(self, batch: dict[str, Tensor]) -> float:
         """:meth:`in_scope_score` of the edit ``batch`` was prepared from (its first row is the
-        bare prompt + target, routed on the prompt), from the edited layer's inputs ``lower``: the
-        score is taken inside that layer, so no other layer runs."""
-        args, kwargs = self.lower_states(batch) if lower is None else lower
-        previous = self.memory.mode
-        self.memory.mode = "edit"
-        try:
-            with self.memory.routing(batch["route_mask"]):
-                decoder_layers(self.model)[self.layer](*args, **kwargs)
-        finally:
-            self.memory.mode = previous
+        bare prompt + target, routed on the prompt), from the edited layer's inputs of the edit
+        just made: the score is taken inside that layer, so no other layer runs."""
+        args, kwargs = self.lower_states(batch) if self._lower is None else self._lower
+        with self.memory_mode("edit"), self.memory.routing(batch["route_mask"]):
+            decoder_layers(self.model)[self.layer](*args, **kwargs)
         return float(self.memory.last_scores[0])
-
-    @torch.no_grad()
-    def recalibrate_routing(self, records: list[EditRecord]) -> None:
-        """Re-measure the routing threshold after a merge (REPAIR; ours). Merging moves every
-        score, so the threshold is set to ``recalibration_margin`` x the weakest of ``records``
-        (the batch's successful edits) on the merged memory: every one of them routes, with some
-        room for their rephrasings. It never rises above the threshold from before the batch
-        (earlier batches' edits are not re-measured)."""
-        if not isinstance(self.memory, SideMemory) or self.memory.retrieve or not records:
-            return
-        weakest = min(self.in_scope_scores(records))
-        # epsilon = act_ratio x min_in_scope, so this puts epsilon at margin x the weakest score
-        measured = self.hparams.recalibration_margin * weakest / self.memory.act_ratio
-        floor = self._routing_floor
-        self.memory.min_in_scope = measured if floor is None else min(floor, measured)
-        self.memory.invalidate()
 
     def edit_stream(self, records: list[EditRecord], progress: bool = True):
         """Edit ``records`` one after another (they accumulate); yields ``(record, EditResult)``
@@ -702,8 +476,8 @@ class RepairModule(L.LightningModule):
 
         The stream is taken in batches of ``edit_batch_size``; REPAIR's callbacks may reorder a
         batch (clustering) and merge and re-check between batches."""
-        streams = self._stream_callbacks()
-        size = self.hparams.edit_batch_size or len(records)
+        streams = self.edit_callbacks
+        size = (self.components.edit_batch_size if self.components else None) or len(records)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -714,8 +488,8 @@ class RepairModule(L.LightningModule):
             batch = list(records[start: start + size])
             self.shard_plan, self._retries = None, []
             # only error feedback edits a record twice: without it nothing is worth keeping
-            self._lower_cache, self._lower_cache_bytes = ({} if self._reedits_possible() else None), 0
-            self._routing_floor = getattr(self.memory, "min_in_scope", None)  # see recalibrate_routing
+            self._lower_cache, self._lower_cache_bytes = ({} if self._reedits_possible else None), 0
+            self.routing_floor = getattr(self.memory, "min_in_scope", None)  # see recalibrate_routing
             for cb in streams:
                 batch = cb.on_edit_batch_start(self, batch)
             results = []
@@ -738,53 +512,27 @@ class RepairModule(L.LightningModule):
     def unwrap_model(self) -> None:
         """Put the frozen down projection back into the model (the module is spent), so the
         same loaded model can be wrapped by another ``RepairModule``."""
-        decoder_layers(self.model)[self.layer].mlp.down_proj = self.memory.main
+        if self.memory is not None:
+            decoder_layers(self.model)[self.layer].mlp.down_proj = self.memory.main
 
     def reset_edits(self) -> None:
-        """Forget every edit: the side memory becomes a fresh copy of the main weight."""
-        if self.method in BASELINES:
-            self.memory.reset()
-            self.edit_count = 0
-            return
-        memory = self.memory
-        weight = memory.main.weight.detach().float()
-        with torch.no_grad():
-            memory.side.copy_(weight)
-        memory.merged, memory.shards, memory.memories, memory.memory_scales = weight.clone(), [], [], []
-        memory.min_in_scope = memory.period_min = None
-        memory.shard_losses, memory.current_losses = [], []
-        memory.invalidate()
-        self._negatives.clear()
-        # Reseed: every reset starts from the same state, so lifelong chunks are independent
-        # and may run on different processes (repair_pl.distributed) with the same results.
-        memory._generator.manual_seed(self.hparams.seed)
-        memory.release_masks()
-        memory.new_mask()
+        """Forget every edit: the memory returns to its state right after construction (for
+        the side memory: a fresh copy of the frozen weight, reseeded masks), so lifelong chunks
+        are independent and may run on different processes with the same results."""
+        if self.memory is not None:
+            self.memory.reset(self.hparams.seed)
         self.edit_count = 0
 
     # ---- saving and loading ------------------------------------------------------------------
     def edited_state(self) -> tuple[dict[str, Tensor], dict]:
-        """Tensors and metadata that fully describe the edits (nothing of the frozen model)."""
-        m = self.memory
-        if self.method in BASELINES:
-            tensors, extra = m.state()
-            meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
-                    "weight_shape": list(m.main.weight.shape), "edit_count": self.edit_count, "method": self.method,
-                    **extra}
-            return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
-        tensors = {"side": m.side.detach(), "merged": m.merged, "mask": m.mask.to(torch.uint8),
-                   "used": m.used.to(torch.uint8)}
-        tensors.update({f"shard.{i}": s for i, s in enumerate(m.shards)})
-        tensors.update({f"memory.{i}": s for i, s in enumerate(m.memories)})
-        meta = {"format": 1, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
-                "weight_shape": list(m.side.shape), "edit_count": self.edit_count,
-                "min_in_scope": m.min_in_scope, "period_min": m.period_min, "memory_scales": m.memory_scales,
-                "act_ratio": m.act_ratio, "score_tokens": m.score_tokens, "shard_ratio": m.shard_ratio,
-                "n_shards": len(m.shards),
-                "n_memories": len(m.memories), "prefixes": self.prefixes, "method": self.method,
-                "generator_state": m._generator.get_state().tolist(),
-                "shard_losses": m.shard_losses, "current_losses": m.current_losses,
-                "negatives": [list(ids) for ids in self._negatives]}
+        """Tensors and metadata that fully describe the edits (nothing of the frozen model).
+        On the CPU the tensors share storage with the live memory: copy them to keep a snapshot."""
+        tensors, extra = self.memory.state() if self.memory is not None else ({}, {})
+        main = decoder_layers(self.model)[self.layer].mlp.down_proj if self.memory is None else self.memory.main
+        meta = {"format": STATE_FORMAT, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
+                "weight_shape": list(main.weight.shape), "edit_count": self.edit_count,
+                "method": self.method, "memory": type(self.memory).__name__ if self.memory is not None else None,
+                **extra}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     def save_edits(self, path: str | Path) -> Path:
@@ -795,103 +543,85 @@ class RepairModule(L.LightningModule):
         return write_state(Path(path), tensors, meta)
 
     def load_edits(self, path: str | Path) -> None:
-        """Load an edited state written by :meth:`save_edits`; a state made for a different base
-        model (other layer count or weight shape) is refused with a clear error."""
+        """Load an edited state written by :meth:`save_edits`; a state made for another base
+        model, layer or kind of memory is refused with a message naming what differs."""
         from repair_pl.checkpoint import read_state
 
         tensors, meta = read_state(Path(path))
-        n_layers = len(decoder_layers(self.model))
-        shape = tuple(self.memory.main.weight.shape)
-        if meta["n_layers"] != n_layers or tuple(meta["weight_shape"]) != shape:
-            raise ValueError(f"{path}: edits were made on a model with {meta['n_layers']} layers and a "
-                             f"{tuple(meta['weight_shape'])} down projection; this model has {n_layers} layers "
-                             f"and {shape}")
-        if meta["layer"] != self.layer:
-            raise ValueError(f"{path}: edits are for layer {meta['layer']} but this module edits layer {self.layer}")
-        saved = meta.get("method", "wise")
-        if (saved in BASELINES or self.method in BASELINES) and saved != self.method:
-            raise ValueError(f"{path}: edits were made with method {saved!r}; this module runs {self.method!r}")
-        tokens = meta.get("score_tokens", "mean")  # states saved before the option scored the mean
-        if saved not in BASELINES and tokens != self.memory.score_tokens:
-            raise ValueError(f"{path}: edits were routed with score_tokens={tokens!r} (their thresholds are on "
-                             f"that scale); this module has score_tokens={self.memory.score_tokens!r}: "
-                             f"set model.score_tokens")
+        _check_state(meta, self, path)
         self.restore_edits(tensors, meta)
 
     def restore_edits(self, tensors: dict[str, Tensor], meta: dict) -> None:
         """Put back an edited state from :meth:`edited_state` (unchecked: :meth:`load_edits` checks
-        that a saved state fits this model). Keep a copy (``clone``/``deepcopy``) when the state
+        that a saved state fits this module). Keep a copy (``clone``/``deepcopy``) when the state
         is a snapshot to return to: ``edited_state`` shares storage with the live memory."""
-        if self.method in BASELINES:
+        if self.memory is not None:
             self.memory.load_state(tensors, meta)
-            self.edit_count = meta["edit_count"]
-            return
-        m, device = self.memory, self.memory.side.device
-        with torch.no_grad():
-            m.side.copy_(tensors["side"])
-        m.merged, m.mask = tensors["merged"].to(device), tensors["mask"].bool().to(device)
-        m.used = tensors["used"].bool().to(device) if "used" in tensors else torch.zeros_like(m.mask)
-        m.shard_ratio = meta.get("shard_ratio", m.mask_ratio)
-        m.shards = [tensors[f"shard.{i}"].to(device) for i in range(meta["n_shards"])]
-        m.memories = [tensors[f"memory.{i}"].to(device) for i in range(meta["n_memories"])]
-        m.min_in_scope, self.edit_count, self.prefixes = meta["min_in_scope"], meta["edit_count"], meta["prefixes"]
-        m.period_min, m.memory_scales = meta["period_min"], list(meta["memory_scales"])
-        m._generator.set_state(torch.tensor(meta["generator_state"], dtype=torch.uint8))
-        m.shard_losses, m.current_losses = list(meta.get("shard_losses", [])), list(meta.get("current_losses", []))
-        self._negatives.clear()
-        self._negatives.extend(meta.get("negatives", []))
-        m.invalidate()
+        self.edit_count = meta["edit_count"]
 
 
-def _component_on(method: str, flag: bool | None) -> bool:
-    """Whether a REPAIR component is on: ``None`` means on for ``repair``, off otherwise."""
-    return method == "repair" if flag is None else bool(flag)
+MEMORY_OF = {"none": None, "wise": SideMemory, "repair": SideMemory, "ft_l": FineTunedLayer, "ft_m": FineTunedLayer,
+             "grace": GraceCodebook}
+OBJECTIVE_OF = {"ft_l": "prompt_last", "ft_m": "target"}
 
 
-def _check_baseline_options(method: str, **options) -> None:
-    """The baselines have no side memory: WISE/REPAIR options that need one are an error."""
-    for key, value in options.items():
-        if value:
-            raise ValueError(f"model.{key}={value!r} is a WISE/REPAIR option; method {method!r} is a baseline "
-                             f"without side memory (drop it, or use method wise or repair)")
+def _method_of(memory: EditableLayer | None, components: RepairComponents | None) -> str:
+    """The preset the parts amount to (a module built from parts gets a method name too)."""
+    if memory is None:
+        return "repair"
+    if isinstance(memory, FineTunedLayer):
+        return {v: k for k, v in OBJECTIVE_OF.items()}[memory.objective]
+    if isinstance(memory, GraceCodebook):
+        return "grace"
+    return "repair" if components is not None else "wise"
+
+
+def _check_parts(method: str, memory: EditableLayer | None, components: RepairComponents | None) -> None:
+    """Parts must be what the method names; nothing given is silently ignored."""
+    kind = MEMORY_OF[method]
+    if (memory is None) != (kind is None) or (kind is not None and not isinstance(memory, kind)):
+        raise ValueError(f"model.method {method!r} edits with {kind.__name__ if kind else 'no memory'}, but "
+                         f"model.memory is {type(memory).__name__ if memory is not None else None}: drop one of them")
+    if method in OBJECTIVE_OF and memory.objective != OBJECTIVE_OF[method]:
+        raise ValueError(f"model.method {method!r} trains objective {OBJECTIVE_OF[method]!r}; model.memory has "
+                         f"objective {memory.objective!r}")
+    if components is not None and method != "repair":
+        raise ValueError(f"model.components are REPAIR's; method {method!r} has none (set model.components "
+                         f"null, or use method repair)")
 
 
 def _check_options(**options) -> None:
-    """Start-up checks of options that would otherwise fail deep inside a run; errors name the key."""
-    from repair_pl.merge import MERGERS
-
+    """Start-up checks of the module's own options; errors name the key."""
     for key, value in options.items():
-        optional = key in ("edit_batch_size", "save_freq", "merge_freq", "max_length")
-        if key in ("n_prefixes", "n_negatives"):
-            bad = not isinstance(value, int) or value < 0
-        elif key == "mask_ratio":
-            bad = not 0 < value <= 1
-        elif key == "prompt_weight":
-            bad = value is not None and not 0 <= value <= 1
-        elif key == "recalibration_margin":
-            bad = not 0 < value <= 1
-        elif key == "merge_method":
-            bad = value not in MERGERS
-        elif key == "cluster_method":
-            bad = value not in ("kmeans", "agglomerative")
-        elif key == "score_tokens":
-            bad = value is not None and value not in SCORE_TOKENS
-        else:
-            bad = not (optional and value is None) and (not isinstance(value, int) or value < 1)
-        if bad:
-            expected = {"n_prefixes": "an integer >= 0", "n_negatives": "an integer >= 0", "mask_ratio": "in (0, 1]",
-                        "prompt_weight": "in [0, 1] or null", "recalibration_margin": "in (0, 1]",
-                        "merge_method": f"one of {sorted(MERGERS)}", "cluster_method": "'kmeans' or 'agglomerative'",
-                        "score_tokens": "'mean', 'last' or null"}
-            want = expected.get(key, "a positive integer" + (" or null" if optional else ""))
-            raise ValueError(f"model.{key} must be {want}, got {value!r}")
+        optional = key == "max_length"
+        if not (optional and value is None) and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"model.{key} must be a positive integer{' or null' if optional else ''}, got {value!r}")
 
 
-def _predicting(answer_mask: Tensor) -> Tensor:
-    """Positions whose logits predict an answer token (``logits[:, t]`` predicts token t+1)."""
-    predicting = torch.zeros_like(answer_mask, dtype=torch.bool)
-    predicting[:, :-1] = answer_mask[:, 1:].bool()
-    return predicting
+def _check_state(meta: dict, module: RepairModule, path) -> None:
+    """Whether a saved state fits ``module``; the error names what differs."""
+    n_layers = len(decoder_layers(module.model))
+    main = decoder_layers(module.model)[module.layer].mlp.down_proj if module.memory is None else module.memory.main
+    shape = tuple(main.weight.shape)
+    if meta["n_layers"] != n_layers or tuple(meta["weight_shape"]) != shape:
+        raise ValueError(f"{path}: edits were made on a model with {meta['n_layers']} layers and a "
+                         f"{tuple(meta['weight_shape'])} down projection; this model has {n_layers} layers and {shape}")
+    if meta["layer"] != module.layer:
+        raise ValueError(f"{path}: edits are for layer {meta['layer']} but this module edits layer {module.layer}")
+    saved = meta.get("method", "wise")
+    if meta.get("format", 1) == 1 and saved == "ft_l":
+        raise ValueError(f"{path}: these edits were saved by an older version whose ft_l trained the target "
+                         f"teacher-forced, which is now method ft_m (ft_l reads the target at the prompt's last "
+                         f"token, as EasyEdit's FT-L): load them with method ft_m")
+    kind = MEMORY_OF.get(saved)
+    if kind is not (type(module.memory) if module.memory is not None else None) or OBJECTIVE_OF.get(saved) != getattr(module.memory, "objective", None):
+        raise ValueError(f"{path}: edits were made with method {saved!r}; this module runs {module.method!r}")
+    if isinstance(module.memory, SideMemory):
+        tokens = meta.get("score_tokens", "mean")  # states saved before the option scored the mean
+        if tokens != module.memory.score_tokens:
+            raise ValueError(f"{path}: edits were routed with score_tokens={tokens!r} (their thresholds are on that "
+                             f"scale); this module's memory has score_tokens={module.memory.score_tokens!r}: set "
+                             f"model.memory.score_tokens")
 
 
 def _tensors(obj):
@@ -917,24 +647,6 @@ def _first_rows(obj, batch_size: int, rows: int):
     if isinstance(obj, Mapping):
         return {k: _first_rows(v, batch_size, rows) for k, v in obj.items()}
     return obj
-
-
-def _flat_indices(mask: Tensor) -> Tensor:
-    """Indices of the True entries of ``mask`` flattened (row-major): selecting with them gives
-    what ``x[mask]`` gives, without the device sync of boolean indexing."""
-    return mask.flatten().nonzero().squeeze(1)
-
-
-def _with_loss_indices(batch: dict[str, Tensor]) -> dict[str, Tensor | int]:
-    """Add what :meth:`RepairModule.edit_losses` selects with, computed once on the CPU:
-    ``positions`` (flat indices of the positions that predict an answer token), their
-    ``labels``, ``n_first`` (how many belong to the first row, the bare prompt) and the
-    ``edit_rows`` / ``other_rows`` indices."""
-    predicting = _predicting(batch["answer_mask"])
-    is_edit = batch["is_edit"]
-    return {**batch, "positions": _flat_indices(predicting),
-            "labels": batch["input_ids"][:, 1:][predicting[:, :-1]], "n_first": int(predicting[0].sum()),
-            "edit_rows": _flat_indices(is_edit), "other_rows": _flat_indices(~is_edit)}
 
 
 STEP_STATS = ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope", "target_correct")

@@ -37,6 +37,18 @@ def _legend(fig, axes) -> None:
     fig.legend(list(handles.values()), list(handles), loc="outside right")
 
 
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically (a rerun of the sweep rewrites them)."""
+    import io
+
+    from repair_pl.checkpoint import write_file_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_file_atomic(path, buffer.getvalue())
+    return path
+
+
 def plot_sweep(rows: Sequence[dict], out: Path) -> list[Path]:
     """Write ``OUT/<dataset>_metrics_vs_T.png`` per dataset and ``OUT/locality_vs_T.png``;
     returns the files written (none without matplotlib or rows)."""
@@ -56,8 +68,7 @@ def plot_sweep(rows: Sequence[dict], out: Path) -> list[Path]:
             ax.set_title(label)
         _legend(fig, axes)
         fig.suptitle(f"{dataset}: post-edit metrics vs number of edits")
-        written.append(out / f"{dataset}_metrics_vs_T.png")
-        fig.savefig(written[-1], dpi=110)
+        written.append(_save(fig, out / f"{dataset}_metrics_vs_T.png"))
     if datasets:
         fig = Figure(figsize=(3.4 * len(datasets), 3.2), layout="constrained")
         axes = fig.subplots(1, len(datasets), squeeze=False)[0]
@@ -67,6 +78,5 @@ def plot_sweep(rows: Sequence[dict], out: Path) -> list[Path]:
         axes[0].set_ylabel("locality")
         _legend(fig, axes)
         fig.suptitle("Locality vs number of edits")
-        written.append(out / "locality_vs_T.png")
-        fig.savefig(written[-1], dpi=110)
+        written.append(_save(fig, out / "locality_vs_T.png"))
     return written

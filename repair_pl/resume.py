@@ -24,12 +24,11 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 
-from repair_pl.checkpoint import write_json_atomic
+from repair_pl.checkpoint import remove_tree, write_json_atomic
 
 FORMAT = 1
 PROGRESS = "progress.json"
@@ -42,19 +41,35 @@ def records_sha256(records: list) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def run_fingerprint(module, records: list, T: int) -> dict:
-    """What must not change between a run and its resumption: hyperparameters, T, the records."""
+def run_fingerprint(module, records: list, T: int, generation=None) -> dict:
+    """What must not change between a run and its resumption: hyperparameters, T, the records,
+    and the generated-answer evaluation (``generation``, a
+    :class:`~repair_pl.generation.GenerationCheck`: the pre-edit answers are its reference)."""
     hparams = json.loads(json.dumps(dict(module.hparams), default=repr, sort_keys=True))
-    return {"hparams": hparams, "T": T, "n_records": len(records), "records_sha256": records_sha256(records)}
+    fingerprint = {"hparams": hparams, "T": T, "n_records": len(records), "records_sha256": records_sha256(records)}
+    if generation is not None:  # absent when off, so checkpoints written without it still resume
+        fingerprint["generation"] = generation.key()
+    return fingerprint
+
+
+def _first_change(saved, current, prefix: str) -> str | None:
+    """The first leaf (``a.b.c``) whose value differs between two nested dicts."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in sorted(set(saved) | set(current)):
+            change = _first_change(saved.get(name), current.get(name), f"{prefix}.{name}")
+            if change is not None:
+                return change
+        return None
+    return None if saved == current else f"{prefix} was {saved!r}, now {current!r}"
 
 
 def _difference(saved: dict, current: dict) -> str | None:
     """The first key whose value differs, phrased for an error message."""
     for key in sorted(set(saved) | set(current)):
         if key == "hparams":
-            for name in sorted(set(saved[key]) | set(current[key])):
-                if saved[key].get(name) != current[key].get(name):
-                    return f"model.{name} was {saved[key].get(name)!r}, now {current[key].get(name)!r}"
+            change = _first_change(saved[key], current[key], "model")
+            if change is not None:
+                return change
         elif saved.get(key) != current.get(key):
             return ("the data records differ" if key == "records_sha256"
                     else f"{key} was {saved.get(key)!r}, now {current.get(key)!r}")
@@ -136,11 +151,11 @@ class RunCheckpoint:
         write_json_atomic(self.folder / PROGRESS, record)
         for entry in self.folder.iterdir():  # older states and leftovers of killed writes
             if entry.name not in (name, PROGRESS):
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                remove_tree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
 
     def finish(self) -> None:
         """Remove the checkpoint once the run's outputs are written."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_tree(self.folder)
 
 
 class ProgressLog:

@@ -28,11 +28,11 @@ from pathlib import Path
 DATASETS = ("zsre", "hallucination", "temporal", "counterfact")
 TS = (10, 100, 500, 1000)
 ABLATIONS = {
-    "progressive": ("--model.progressive", "false"),
-    "closed_loop": ("--model.closed_loop", "false"),
-    "error_feedback": ("--model.error_feedback", "false"),
-    "distribution_aware": ("--model.distribution_aware", "false"),
-    "heterogeneous": ("--model.heterogeneous", "true"),
+    "progressive": ("--model.components.progressive", "null"),
+    "closed_loop": ("--model.components.closed_loop", "null"),
+    "error_feedback": ("--model.components.error_feedback", "null"),
+    "distribution_aware": ("--model.components.distribution_aware", "null"),
+    "heterogeneous": ("--model.components.distribution_aware.heterogeneous", "true"),
 }
 COLUMNS = (("rewrite_acc", "Rel"), ("rephrase_acc", "Gen"), ("locality", "Loc"), ("ood_acc", "OOD"),
            ("rewrite_ppl", "PPL"))
@@ -45,10 +45,19 @@ class SweepError(ValueError):
 
 
 def default_methods() -> list[str]:
-    """REPAIR, WISE and the baselines this version of the package has (FT-L, GRACE)."""
-    from repair_pl.module import METHODS
+    """REPAIR, WISE and the baselines (FT-L, FT-M, GRACE)."""
+    return ["repair", "wise", "ft_l", "ft_m", "grace"]
 
-    return [m for m in ("repair", "wise", "ft_l", "grace") if m in METHODS]
+
+def method_args(method: str) -> tuple[str, ...]:
+    """CLI arguments that switch a dataset config (REPAIR) to ``method``: its overlay
+    ``configs/methods/<method>.yaml`` (none for ``repair``)."""
+    if method == "repair":
+        return ()
+    try:
+        return ("--config", str(find_config(f"methods/{method}")))
+    except SweepError:
+        raise SweepError(f"unknown method {method!r}: there is no configs/methods/{method}.yaml") from None
 
 
 def find_config(name: str) -> Path:
@@ -76,15 +85,6 @@ def dataset_size(config: Path) -> int:
                             on_invalid=data.get("on_invalid", "raise"))
     module.setup()
     return len(module.records)
-
-
-def model_settings(config: Path) -> dict:
-    """The ``RepairModule`` arguments of a config's model section, without ``model`` and
-    ``method`` (e.g. the SmolLM2 settings of configs/zsre.yaml, for code that loads its own model)."""
-    import yaml
-
-    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-    return {k: v for k, v in model.items() if k not in ("model", "method")}
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,9 @@ def plan(datasets: Sequence[str], methods: Sequence[str], ts: Sequence[int], abl
             if n > available:
                 notes.append(f"{name}: T={t} uses all {available} records (ds_size {n} asked)")
                 n = available
-            variants = [(m, ("--model.method", m)) for m in methods if m != "eren" and weights]
-            variants += [(f"repair-no-{a}" if a != "heterogeneous" else "repair-heterogeneous",
-                          ("--model.method", "repair", *ABLATIONS[a])) for a in ablations if weights]
+            variants = [(m, method_args(m)) for m in methods if m != "eren" and weights]
+            variants += [(f"repair-no-{a}" if a != "heterogeneous" else "repair-heterogeneous", ABLATIONS[a])
+                         for a in ablations if weights]
             runs += [Run(name, config, v, t, n, args) for v, args in variants]
             if "eren" in methods:  # EREN edits no weights: its own config (reader, encoder, prompts)
                 try:
@@ -317,6 +317,8 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
 
 def write_comparison(out: Path, notes: Sequence[str] = (), order: Sequence[str] = ()) -> Path:
     """Rewrite ``OUT/COMPARISON_SUMMARY.md`` from every finished run (rows in ``order``)."""
+    from repair_pl.checkpoint import write_file_atomic
+
     path = Path(out) / "COMPARISON_SUMMARY.md"
-    path.write_text(comparison_table(collect(out, order), notes))
+    write_file_atomic(path, comparison_table(collect(out, order), notes))
     return path

@@ -32,3 +32,23 @@ def tiny_llama(vocab_size: int = 128, layers: int = 4, hidden: int = 32, seed: i
     model = LlamaForCausalLM(config)
     model.requires_grad_(False)
     return model.eval()
+
+
+def attached(memory, main, seed: int = 0, disjoint: bool = False):
+    """``memory`` (an :class:`~repair_pl.memory.EditableLayer`) attached to the layer ``main``
+    and reset, as :class:`~repair_pl.module.RepairModule` does; ``disjoint`` sets a side
+    memory's disjoint masks (REPAIR's distribution-aware memory does it in a module)."""
+    memory.attach(main.requires_grad_(False), seed)
+    if disjoint:
+        memory.disjoint = True
+    memory.reset(seed)
+    return memory
+
+
+def tiny_editor(method: str = "wise", model=None, **options):
+    """A ``RepairModule`` over ``model`` (default: a fresh :func:`tiny_llama`) with the character
+    tokenizer, built from :func:`repair_pl.presets.preset` with flat ``options``."""
+    from repair_pl.module import RepairModule
+    from repair_pl.presets import preset
+
+    return RepairModule(tiny_llama() if model is None else model, char_tokenizer(), **preset(method, **options))

@@ -11,7 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-TABLE_KEYS = ("rewrite_acc", "rephrase_acc", "locality", "ood_acc", "rewrite_ppl", "rewrite_em")
+TABLE_KEYS = ("rewrite_acc", "rephrase_acc", "locality", "ood_acc", "rewrite_ppl", "rewrite_em",
+              "rewrite_gen_em", "rephrase_gen_em", "locality_gen",  # with generation on (docs/evaluation.md)
+              "rewrite_gen_em_chat", "rephrase_gen_em_chat", "locality_gen_chat")
 
 
 def default_offline() -> None:

@@ -3,7 +3,7 @@
 
     python scripts/bench.py                              # all parts, quick sizes (~5 min on 2 CPU cores)
     python scripts/bench.py --parts 1 3                  # only some parts
-    python scripts/bench.py --full                       # the documented full sizes (see README "Speed")
+    python scripts/bench.py --full                       # the documented full sizes (docs/benchmarks.md)
     python scripts/bench.py --device cuda --dtype bfloat16 --model /path/to/Meta-Llama-3-8B-Instruct
 
 Parts:
@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from repair_pl.data.datamodule import DEMO_PATH, fill_routing_prompts  # noqa: E402
-from repair_pl.data.formats import load_records  # noqa: E402
+from repair_pl.checkpoint import write_file_atomic, write_json_atomic  # noqa: E402
+from repair_pl.data import EditDataModule  # noqa: E402
 from repair_pl.evaluate import evaluate_records  # noqa: E402
 
 ZSRE = "data/zsre/zsre_edit_1000.json"
@@ -56,26 +56,31 @@ CHEAP_STREAM = dict(method="grace")
 
 
 # ---- set-up ------------------------------------------------------------------------------------
-def model_settings(model: str) -> dict:
-    """RepairModule arguments that depend on the model (layer, margins; for the embedded
-    SmolLM2 the settings tuned for it in configs/zsre.yaml)."""
-    if model == "tiny-random":
-        return dict(TINY_SETTINGS)
-    if "llama-3" in model.lower():
-        return dict(LLAMA3_SETTINGS)
+def editor_arguments(model: str, method: str = "repair", **options) -> dict:
+    """RepairModule arguments for ``method`` on ``model`` with flat ``options`` on top: for the
+    embedded SmolLM2 those of configs/zsre.yaml (with the method's overlay); for the tiny random
+    model margins scaled to it; for Llama-3 WISE's published layer."""
+    from repair_pl.presets import preset
+
     if model == "smollm2":
-        from repair_pl.sweep import find_config
-        from repair_pl.sweep import model_settings as config_settings
+        from repair_pl.cli import module_arguments
+        from repair_pl.sweep import find_config, method_args
 
-        return config_settings(find_config("zsre"))
-    return {}
+        base = module_arguments(find_config("zsre"), *method_args(method)[1:])
+        return preset(method, base=base, **options)
+    if model == "tiny-random":
+        side_memory = method in ("wise", "repair")
+        return preset(method, **{**(TINY_SETTINGS if side_memory else {"layer": 2}), **options})
+    if "llama-3" in model.lower():
+        return preset(method, **{**LLAMA3_SETTINGS, **options})
+    return preset(method, **options)
 
 
-def load_editor(model: str, device: str = "cpu", dtype: str = "float32", **kwargs):
+def load_editor(model: str, device: str = "cpu", dtype: str = "float32", method: str = "repair", **options):
     """A RepairModule on ``device`` whose per-edit fits run there too."""
     from repair_pl.module import RepairModule
 
-    module = RepairModule(model, dtype=dtype, **{**model_settings(model), **kwargs})
+    module = RepairModule(model, dtype=dtype, **editor_arguments(model, method, **options))
     module.to(device)
     module.trainer_kwargs = {"accelerator": "gpu" if str(device).startswith("cuda") else "cpu", "devices": 1}
     return module
@@ -91,8 +96,9 @@ def release() -> None:
 
 def read_records(path: str, n: int) -> list:
     """The first ``n`` records of ``path`` (``demo`` for the bundled set), cycled when it has fewer."""
-    records, _ = load_records(DEMO_PATH if path == "demo" else path)
-    records = fill_routing_prompts(records)
+    data = EditDataModule(path)
+    data.setup()
+    records = data.records
     return [records[i % len(records)] for i in range(n)]
 
 
@@ -172,7 +178,7 @@ def side_memory_mb(module) -> dict:
     """Sizes of what the edits occupy: ``side`` (W'; for the baselines FT-L's weight copy or
     GRACE's codebook), ``shards`` (stored shards and retrieve memories), ``total`` (also the
     merged copy and the mask)."""
-    from repair_pl.side_memory import SideMemory
+    from repair_pl.memory import SideMemory
 
     m = module.memory
 
@@ -195,29 +201,31 @@ def plain_edit(module, record, steps: int) -> None:
     """``RepairModule.edit`` for ``method="wise"`` without Lightning: the same prepared batch,
     the same cached lower states, SGD, gradient mask and clamp, ``steps`` steps, and the same
     bookkeeping after the edit (routing threshold)."""
-    memory, hp = module.memory, module.hparams
-    batch = module.prepare_edit(record, module.device)
+    memory = module.memory
+    batch = module.prepare_edit(record)
     start_weight = memory.side.detach().clone()
     memory.mode = "edit"
     memory.invalidate()
     module.train()
     lower = module.lower_states(batch)
-    optimizer = torch.optim.SGD([memory.side], lr=hp.lr)
+    optimizer = torch.optim.SGD([memory.side], lr=memory.lr)
     for _ in range(steps):
         optimizer.zero_grad()
         out = module.edit_losses(batch, lower)
         out["loss"].backward()
         memory.side.grad.mul_(memory.mask)
         optimizer.step()
-        if hp.norm_constraint is not None:
-            c = hp.norm_constraint
+        if memory.norm_constraint is not None:
+            c = memory.norm_constraint
             with torch.no_grad():
                 memory.side.copy_(torch.clamp(memory.side, start_weight - c, start_weight + c))
     module.eval()
     memory.mode = "route"
     memory.invalidate()
-    memory.record_in_scope(module.trained_score(batch, lower))
-    memory.note_edit_loss(float(out["edit_loss"].detach()))
+    module._lower = lower
+    memory.record_in_scope(module.trained_score(batch))
+    module._lower = None
+    memory.current_losses.append(float(out["edit_loss"].detach()))
     module.edit_count += 1
 
 
@@ -239,8 +247,8 @@ def _restore(module, state: dict) -> None:
 def lightning_overhead(module, records, steps: int, device: str = "cpu") -> dict:
     """Per edit: Lightning ``edit`` then, from the same starting state, the plain loop; the
     two must reach the same weights. The first record warms both paths up and is not timed."""
-    module.method, module.hparams.method, module.hparams.max_steps = "wise", "wise", steps
-    module.edit_callbacks = []  # WISE: no callbacks, so both run exactly ``steps`` steps
+    module.method, module.hparams.max_steps = "wise", steps
+    module.components, module.edit_callbacks = None, []  # WISE: no components, both run exactly ``steps`` steps
     lightning, plain, max_diff = [], [], 0.0
     for i, record in enumerate(records):
         before = _edit_state(module)
@@ -550,11 +558,11 @@ def main(argv=None) -> dict:
 
     def show(part: str) -> None:  # print a part as soon as it is measured and save what is done
         print(_section(result, part), flush=True)
-        (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
-        (out_dir / "BENCH.md").write_text(markdown(result))
+        write_json_atomic(out_dir / "bench.json", result, indent=1)
+        write_file_atomic(out_dir / "BENCH.md", markdown(result))
 
     if "1" in args.parts:
-        module = load_editor(model, dev, dtype, seed=args.seed)
+        module = load_editor(model, dev, dtype, method="wise", seed=args.seed)
         result["1"] = lightning_overhead(module, records[: args.overhead_edits + 1], args.overhead_steps, dev)
         module = None
         release()
@@ -565,7 +573,7 @@ def main(argv=None) -> dict:
                                                                       **settings)}
         show("2")
     if "3" in args.parts:
-        module = load_editor(model, dev, dtype, seed=args.seed, max_steps=args.max_steps)
+        module = load_editor(model, dev, dtype, method="wise", seed=args.seed, max_steps=args.max_steps)
         for record in records[:5]:
             module.edit(record)
         prompts = [r.prompt for r in records[: args.prompts]]
@@ -575,7 +583,8 @@ def main(argv=None) -> dict:
         release()
         show("3")
     if "4" in args.parts:
-        module = load_editor(model, dev, dtype, seed=args.seed, max_steps=args.mem_steps, save_freq=args.save_freq,
+        module = load_editor(model, dev, dtype, method="wise", seed=args.seed, max_steps=args.mem_steps,
+                             save_freq=args.save_freq,
                              merge_freq=args.merge_freq)
         result["4"] = memory_growth(module, records[: args.mem_edits], dev)
         module = None

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from repair_pl.plots import plot_sweep
     from repair_pl.sweep import failure_notes, run_sweep, write_comparison
 
-    from repair_pl.module import METHODS
+    from repair_pl.presets import METHODS
 
     out = Path(args.out)
     try:

@@ -5,6 +5,7 @@ Layout written under the destination folder (default: ``<repo root>/data``)::
 
     zsre/zsre_edit_1000.json                     (--only zsre)
     counterfact/counterfact_edit_2000.json       (--only counterfact)
+    counterfact/counterfact-train.json
     hallucination/hallucination-edit.json        (--only hallucination)
     hallucination/hallucination-train.json
     temporal/temporal-edit.json                  (--only temporal)
@@ -182,6 +183,14 @@ FILES: Tuple[DataFile, ...] = (
         ),
         transform=first_n(2000),
         note=f"counterfact-edit.json is also in the Google Drive folder {COUNTERFACT_DRIVE}",
+    ),
+    DataFile(
+        "counterfact", "counterfact/counterfact-train.json", 3949873,
+        "f7d443ffb0c5da6cbe816cdac45281ccb3f204b8a840f00d07a4aafa949bcd76",
+        # EasyEdit's CounterFact train split (10,000 records), the routing text of
+        # configs/counterfact.yaml; kept byte for byte.
+        urls=(KNOWLEDGE_SPREAD + "/data/counterfact/counterfact-train.json",),
+        note=f"counterfact-train.json is also in the Google Drive folder {COUNTERFACT_DRIVE}",
     ),
     DataFile(
         "hallucination", "hallucination/hallucination-edit.json", 538052,

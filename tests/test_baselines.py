@@ -1,4 +1,4 @@
-"""FT-L and GRACE baselines (``method: ft_l`` / ``grace``) on the tiny random Llama."""
+"""FT-L, FT-M and GRACE baselines (``method: ft_l`` / ``ft_m`` / ``grace``) on the tiny random Llama."""
 
 import json
 import subprocess
@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from repair_pl.baselines import GraceCodebook
+from repair_pl.components import RepairComponents
 from repair_pl.data import EditRecord
 from repair_pl.evaluate import encode_pairs
+from repair_pl.memory import GraceCodebook, SideMemory
 from repair_pl.module import RepairModule
-from repair_pl.testing import char_tokenizer, tiny_llama
+from repair_pl.presets import preset
+from repair_pl.testing import attached, char_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 # One-character answers: a single GRACE value at layer 2 of the tiny model can (nearly) fit them.
@@ -21,15 +23,17 @@ A = EditRecord("capital of fr?", "x", rephrases=("fr capital?",), locality=(("wh
 B = EditRecord("ceo of msft?", "q", locality=(("what is 2+2", "four"),))
 UNRELATED = ["who is bob", "what is 2+2", "hello there friend"]
 # Scaled to the tiny model (its gradients and activations are small).
-TINY = dict(layer=2, max_steps=30, ft_lr=0.05, ft_norm_constraint=0.5, ft_stop_loss=None, grace_lr=30.0,
-            grace_stop_loss=None)
+TINY = {"ft_l": dict(lr=0.05, norm_constraint=0.5, stop_loss=None), "ft_m": dict(lr=0.05, norm_constraint=0.5,
+        stop_loss=None), "grace": dict(lr=30.0, stop_loss=None), "wise": {}}
+MAX_STEPS = 30
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
 def make(method: str, **kwargs) -> RepairModule:
-    return RepairModule(tiny_llama(), char_tokenizer(), method=method, **{**TINY, **kwargs})
+    return RepairModule(tiny_llama(), char_tokenizer(), **preset(method, layer=2, max_steps=MAX_STEPS,
+                                                                 **{**TINY[method], **kwargs}))
 
 
 def logits(module: RepairModule, prompts: list[str], answers: list[str], edited: bool = True) -> torch.Tensor:
@@ -53,13 +57,13 @@ def answer_correct(module: RepairModule, record: EditRecord) -> bool:
     return bool((out[0, :-1].argmax(-1)[mask] == batch.input_ids[0, 1:][mask]).all())
 
 
-# ---- FT-L ------------------------------------------------------------------------------------
-def test_ft_l_changes_the_layer_within_its_bound_and_learns_the_target():
-    module = make("ft_l")
+# ---- FT-L, FT-M ------------------------------------------------------------------------------
+def test_ft_m_changes_the_layer_within_its_bound_and_learns_the_target():
+    module = make("ft_m")
     main_before = module.memory.main.weight.clone()
     before = target_loss(module, A)
     result = module.edit(A)
-    assert result.steps == TINY["max_steps"]
+    assert result.steps == MAX_STEPS
     assert target_loss(module, A) < 0.5 * before
     change = (module.memory.weight.detach() - main_before).abs()
     assert change.max() > 0 and change.max() <= 0.5 + 1e-6  # the elementwise norm constraint
@@ -67,6 +71,32 @@ def test_ft_l_changes_the_layer_within_its_bound_and_learns_the_target():
     assert target_loss(module, A, edited=False) == pytest.approx(before)
     # no router: the fine-tuned weight serves unrelated prompts too (what costs FT-L locality)
     assert not torch.equal(logits(module, UNRELATED, ["a"] * 3), logits(module, UNRELATED, ["a"] * 3, edited=False))
+
+
+def test_ft_l_objective_reads_every_target_token_at_the_prompts_last_position():
+    module = make("ft_l")
+    record = EditRecord("capital of fr?", "xy")
+    batch = module.prepare_edit(record)
+    assert batch["input_ids"].shape[1] == len(record.prompt)  # the prompt alone is fed (one token a character)
+    module.memory.mode = "edit"
+    with torch.no_grad():
+        loss = float(module.edit_losses(batch)["edit_loss"])
+        ids = module.tokenizer([record.prompt], return_tensors="pt").input_ids
+        log_probs = torch.log_softmax(module(ids)[0, -1], -1)
+    targets = module.tokenizer([" xy"]).input_ids[0]  # " " + target, as the evaluation tokenises it
+    assert loss == pytest.approx(float(-log_probs[targets].mean()), rel=1e-5)
+    module.memory.mode = "route"
+    assert module.edit(record).edit_loss < loss
+
+
+def test_ft_box_is_around_the_edit_start_or_the_unedited_weight():
+    for clamp_to, bound in (("edit_start", 1.0), ("unedited", 0.5)):
+        module = make("ft_m", clamp_to=clamp_to)
+        main = module.memory.main.weight.float()
+        module.edit(A)
+        module.edit(B)  # a second edit may move each entry another 0.5 only when the box follows the edit
+        change = float((module.memory.weight.detach() - main).abs().max())
+        assert 0.5 < change <= bound + 1e-6 if clamp_to == "edit_start" else change <= bound + 1e-6
 
 
 def test_ft_l_edits_accumulate_and_reset_restores_the_weight():
@@ -80,8 +110,8 @@ def test_ft_l_edits_accumulate_and_reset_restores_the_weight():
     assert module.edit_count == 0
 
 
-def test_ft_l_stops_early_once_the_loss_is_below_ft_stop_loss():
-    module = make("ft_l", ft_stop_loss=100.0)  # any loss is below it: one step
+def test_ft_l_stops_early_once_the_loss_is_below_stop_loss():
+    module = make("ft_l", stop_loss=100.0)  # any loss is below it: one step
     assert module.edit(A).steps == 1
 
 
@@ -110,7 +140,7 @@ def test_grace_leaves_prompts_far_from_every_key_exactly_unchanged():
 
 
 def test_grace_split_rule_shrinks_conflicting_balls_and_same_answer_expands():
-    codebook = GraceCodebook(nn.Linear(4, 3, bias=False), eps=1.0)
+    codebook = attached(GraceCodebook(eps=1.0), nn.Linear(4, 3, bias=False))
     zero = torch.zeros(3)
     assert codebook.add_edit(torch.tensor([0.0, 0, 0, 0]), "a", zero) == 0
     assert codebook.add_edit(torch.tensor([10.0, 0, 0, 0]), "b", zero) == 1  # far: a new ball of eps
@@ -127,7 +157,7 @@ def test_grace_split_rule_shrinks_conflicting_balls_and_same_answer_expands():
 
 
 def test_grace_split_through_the_module_on_a_conflicting_edit():
-    module = make("grace", grace_eps=50.0)  # every tiny-model key within reach: forces conflicts
+    module = make("grace", eps=50.0)  # every tiny-model key within reach: forces conflicts
     module.edit(A)
     module.edit(EditRecord(A.prompt + "!", "q"))
     assert len(module.memory) == 2
@@ -165,7 +195,7 @@ def test_grace_reset_empties_the_codebook():
 
 
 # ---- both ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["ft_l", "grace"])
+@pytest.mark.parametrize("method", ["ft_l", "ft_m", "grace"])
 def test_save_load_round_trip_is_exact(tmp_path, method):
     module = make(method)
     module.edit(A)
@@ -191,18 +221,24 @@ def test_empty_grace_codebook_saves_and_loads(tmp_path):
     assert len(fresh.memory) == 0
 
 
-@pytest.mark.parametrize("flag", ["progressive", "closed_loop", "distribution_aware", "error_feedback", "retrieve"])
-def test_repair_options_with_a_baseline_are_a_clear_error(flag):
-    with pytest.raises(ValueError, match=f"model.{flag}=True is a WISE/REPAIR option"):
-        make("grace", **{flag: True})
+def test_parts_that_do_not_fit_the_method_are_a_clear_error():
+    with pytest.raises(ValueError, match="model.components are REPAIR's; method 'grace'"):
+        RepairModule(tiny_llama(), char_tokenizer(), method="grace", layer=2, components=RepairComponents.all_on())
+    with pytest.raises(ValueError, match="method 'grace' edits with GraceCodebook, but model.memory is SideMemory"):
+        RepairModule(tiny_llama(), char_tokenizer(), method="grace", layer=2, memory=SideMemory())
+    with pytest.raises(ValueError, match=r"options \['retrieve'\] do not apply to method 'grace'"):
+        preset("grace", retrieve=True)
+    with pytest.raises(ValueError, match="method 'ft_l' trains objective 'prompt_last'"):
+        RepairModule(tiny_llama(), char_tokenizer(), **{**preset("ft_m"), "method": "ft_l"})
 
 
-@pytest.mark.parametrize("method", ["ft_l", "grace"])
+@pytest.mark.parametrize("method", ["ft_l", "ft_m", "grace"])
 def test_cli_runs_a_baseline_end_to_end(tmp_path, method):
     cmd = [sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", "--config", "configs/demo.yaml",
+           "--config", f"configs/methods/{method}.yaml",
            "--model.model", "tiny-random", "--model.layer", "2", "--model.max_steps", "3",
            "--trainer.enable_progress_bar", "false", "--data.ds_size", "4", "--T", "2",
-           "--model.method", method, "--trainer.default_root_dir", str(tmp_path)]
+           "--generation_examples", "0", "--trainer.default_root_dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -7,23 +7,36 @@ import numpy as np
 import pytest
 import torch
 
-from repair_pl.callbacks import ClosedLoopFeedback, ProgressiveIntervention
 from repair_pl.clustering import cluster_labels, plan_shards
+from repair_pl.components import ClosedLoopFeedback, InBatchDistillation, ProgressiveIntervention, recalibrate_routing
 from repair_pl.data import EditRecord
+from repair_pl.memory import EditableLayer
 from repair_pl.module import RepairModule
+from repair_pl.presets import preset
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
+class FakeMemory(EditableLayer):
+    """A memory whose trained tensor is three numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = torch.nn.Parameter(torch.zeros(3))
+        self.edit_start = self.weights.detach().clone()
+
+    @property
+    def trainable(self):
+        return self.weights
+
+
 class FakeModule:
     """The parts of RepairModule the callbacks use, with scripted step statistics."""
 
-    def __init__(self, lr=1.0):
-        self.hparams = SimpleNamespace(lr=lr)
-        self.memory = SimpleNamespace(side=torch.nn.Parameter(torch.zeros(3)))
-        self.edit_start_weight = self.memory.side.detach().clone()
+    def __init__(self):
+        self.memory = FakeMemory()
         self.intervention, self.edit_failed, self.step_stats = 1.0, None, {}
 
     apply_lr = RepairModule.apply_lr
@@ -31,13 +44,19 @@ class FakeModule:
 
 
 def fake_trainer(lr=1.0):
-    return SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": lr, "base_lr": lr}])], should_stop=False)
+    group = {"lr": lr, "base_lr": lr, "configured_lr": lr}
+    return SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[group])], should_stop=False)
+
+
+def bound(cb, module):
+    cb.bind(module)
+    return cb
 
 
 def step(cb, trainer, module, loss, edit_loss=None, correct=0.0, routing=0.0, weights=None):
     if weights is not None:
         with torch.no_grad():
-            module.memory.side.copy_(torch.tensor(weights))
+            module.memory.trainable.copy_(torch.tensor(weights))
     module.step_stats = {"loss": loss, "edit_loss": loss if edit_loss is None else edit_loss,
                          "target_correct": correct, "routing_loss": routing}
     if hasattr(cb, "on_train_batch_start"):  # ``weights`` are those this loss was computed on
@@ -78,7 +97,8 @@ def test_progressive_early_stop_waits_for_routing_when_asked():
 
 
 def test_stagnation_raises_lr_within_bounds():
-    cb, module, trainer = ClosedLoopFeedback(window=3, lr_up=2.0, max_lr_factor=4.0), FakeModule(), fake_trainer()
+    module, trainer = FakeModule(), fake_trainer()
+    cb = bound(ClosedLoopFeedback(stagnation_window=3, lr_up=2.0, max_lr_factor=4.0), module)
     cb.on_edit_start(module, None)
     for _ in range(20):
         step(cb, trainer, module, 1.0)
@@ -88,7 +108,8 @@ def test_stagnation_raises_lr_within_bounds():
 
 
 def test_improving_loss_is_not_stagnation():
-    cb, module, trainer = ClosedLoopFeedback(window=3), FakeModule(), fake_trainer()
+    module, trainer = FakeModule(), fake_trainer()
+    cb = bound(ClosedLoopFeedback(stagnation_window=3), module)
     cb.on_edit_start(module, None)
     for i in range(20):
         step(cb, trainer, module, 1.0 * 0.8 ** i)
@@ -96,7 +117,8 @@ def test_improving_loss_is_not_stagnation():
 
 
 def test_flat_loss_after_the_target_is_reached_is_not_stagnation():
-    cb, module, trainer = ClosedLoopFeedback(window=3), FakeModule(), fake_trainer()
+    module, trainer = FakeModule(), fake_trainer()
+    cb = bound(ClosedLoopFeedback(stagnation_window=3), module)
     cb.on_edit_start(module, None)
     for _ in range(20):
         step(cb, trainer, module, 0.01, correct=1.0)
@@ -104,7 +126,8 @@ def test_flat_loss_after_the_target_is_reached_is_not_stagnation():
 
 
 def test_jitter_below_the_starting_loss_is_not_divergence():
-    cb, module, trainer = ClosedLoopFeedback(divergence_factor=3.0), FakeModule(), fake_trainer()
+    module, trainer = FakeModule(), fake_trainer()
+    cb = bound(ClosedLoopFeedback(divergence_factor=3.0), module)
     cb.on_edit_start(module, None)
     for loss in (5.0, 0.5, 0.01, 0.2, 0.05, 4.9):  # all > 3 x 0.01, but below where the edit started
         step(cb, trainer, module, loss)
@@ -115,45 +138,49 @@ def test_jitter_below_the_starting_loss_is_not_divergence():
 
 @pytest.mark.parametrize("bad_loss", [10.0, math.nan, math.inf])
 def test_divergence_rolls_back_to_the_best_weights_and_lowers_lr(bad_loss):
-    cb, module, trainer = ClosedLoopFeedback(divergence_factor=3.0, lr_down=0.5), FakeModule(), fake_trainer()
+    module, trainer = FakeModule(), fake_trainer()
+    cb = bound(ClosedLoopFeedback(divergence_factor=3.0, lr_down=0.5), module)
     cb.on_edit_start(module, None)
     step(cb, trainer, module, 2.0, weights=[1.0, 1.0, 1.0])
     step(cb, trainer, module, 1.0, weights=[2.0, 2.0, 2.0])  # best so far: the good checkpoint
     step(cb, trainer, module, 1.5, weights=[3.0, 3.0, 3.0])
     step(cb, trainer, module, bad_loss, weights=[9.0, 9.0, 9.0])
-    assert torch.equal(module.memory.side.detach(), torch.tensor([2.0, 2.0, 2.0]))
+    assert torch.equal(module.memory.trainable.detach(), torch.tensor([2.0, 2.0, 2.0]))
     assert cb.counts["divergences"] == 1 and cb.counts["rollbacks"] == 1
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5
     assert not trainer.should_stop and module.edit_failed is None  # training goes on
 
 
 def test_non_finite_gradient_never_reaches_the_weights():
-    cb, module = ClosedLoopFeedback(), FakeModule()
+    module = FakeModule()
+    cb = bound(ClosedLoopFeedback(), module)
     cb.on_edit_start(module, None)
-    module.memory.side.grad = torch.tensor([1.0, math.nan, 0.0])
+    module.memory.trainable.grad = torch.tensor([1.0, math.nan, 0.0])
     cb.on_before_optimizer_step(None, module, None)
-    assert torch.equal(module.memory.side.grad, torch.zeros(3)) and cb.grad_bad
+    assert torch.equal(module.memory.trainable.grad, torch.zeros(3)) and cb.grad_bad
 
 
 def test_repeated_divergence_fails_the_edit_bit_identically():
-    cb, module, trainer = ClosedLoopFeedback(max_rollbacks=2), FakeModule(), fake_trainer()
-    module.edit_start_weight = torch.tensor([0.1, 0.2, 0.3])
+    module, trainer = FakeModule(), fake_trainer()
+    cb = bound(ClosedLoopFeedback(max_rollbacks=2), module)
+    module.memory.edit_start = torch.tensor([0.1, 0.2, 0.3])
     cb.on_edit_start(module, None)
     step(cb, trainer, module, 1.0, weights=[5.0, 5.0, 5.0])
     for _ in range(3):
         step(cb, trainer, module, math.nan, weights=[7.0, 7.0, 7.0])
     assert trainer.should_stop and module.edit_failed
-    assert torch.equal(module.memory.side.detach(), torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.equal(module.memory.trainable.detach(), torch.tensor([0.1, 0.2, 0.3]))
 
 
 def test_unconverged_edit_is_undone_at_the_end():
-    cb, module, trainer = ClosedLoopFeedback(), FakeModule(), fake_trainer()
-    module.edit_start_weight = torch.tensor([0.1, 0.2, 0.3])
+    module, trainer = FakeModule(), fake_trainer()
+    cb = bound(ClosedLoopFeedback(), module)
+    module.memory.edit_start = torch.tensor([0.1, 0.2, 0.3])
     cb.on_edit_start(module, None)
     step(cb, trainer, module, 1.0, weights=[5.0, 5.0, 5.0], correct=0.0)
     cb.on_train_end(trainer, module)
     assert module.edit_failed and cb.counts["failed_edits"] == 1
-    assert torch.equal(module.memory.side.detach(), torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.equal(module.memory.trainable.detach(), torch.tensor([0.1, 0.2, 0.3]))
 
 
 def test_clustering_groups_obviously_similar_edits():
@@ -182,8 +209,14 @@ TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=40, alpha=1.0, beta=5.0, g
             norm_constraint=None)
 
 
+def repair(*off: str, **options) -> RepairModule:
+    """REPAIR on the tiny model with the named components switched off."""
+    return RepairModule(tiny_llama(), char_tokenizer(), **preset("repair", **{**TINY, **{c: False for c in off},
+                                                                              **options}))
+
+
 def test_nan_during_an_edit_is_rolled_back_and_the_stream_continues(monkeypatch):
-    module = RepairModule(tiny_llama(), char_tokenizer(), method="wise", closed_loop=True, **TINY)
+    module = repair("progressive", "distribution_aware", "error_feedback", score_tokens="mean")  # closed loop only
     original = RepairModule.edit_losses
     calls = {"n": 0}
 
@@ -197,17 +230,17 @@ def test_nan_during_an_edit_is_rolled_back_and_the_stream_continues(monkeypatch)
     monkeypatch.setattr(RepairModule, "edit_losses", flaky)
     results = [result for _, result in module.edit_stream([A, B], progress=False)]
     assert len(results) == 2
-    assert torch.isfinite(module.memory.side).all()
+    assert torch.isfinite(module.memory.trainable).all()
     assert module.intervention_counts()["divergences"] >= 1
 
 
 def test_a_failed_edit_leaves_the_model_bit_identical():
-    module = RepairModule(tiny_llama(), char_tokenizer(), method="wise", closed_loop=True, **{**TINY, "max_steps": 1})
+    module = repair("progressive", "distribution_aware", "error_feedback", score_tokens="mean", max_steps=1)
     module.edit(A)  # one step cannot reach the target: undone
-    before = module.memory.side.detach().clone()
+    before = module.memory.trainable.detach().clone()
     result = module.edit(B)
     assert not result.success
-    assert torch.equal(module.memory.side.detach(), before)
+    assert torch.equal(module.memory.trainable.detach(), before)
 
 
 def test_repair_early_stops_and_runs_all_components():
@@ -215,11 +248,9 @@ def test_repair_early_stops_and_runs_all_components():
     # so 0.5 would need the stagnation lr boost that no longer fires once the target is predicted).
     # Mean scores, as TINY's routing margins were tuned with: on this random model, last-token scores
     # (REPAIR's default) leave A at CE 1.43 after 60 steps, where mean scores reach 0.97 by step 18.
-    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", cluster_size=2, threshold=1.0,
-                          score_tokens="mean", **{**TINY, "max_steps": 60})
+    module = repair(cluster_size=2, threshold=1.0, score_tokens="mean", max_steps=60)
     names = [type(cb).__name__ for cb in module.edit_callbacks]
-    assert names == ["ClosedLoopFeedback", "ProgressiveIntervention", "DistributionAwareMemory", "MemoryMerging",
-                     "ErrorFeedback"]
+    assert names == ["ClosedLoopFeedback", "ProgressiveIntervention", "DistributionAwareMemory", "ErrorFeedback"]
     outputs = list(module.edit_stream([A, B, C], progress=False))
     first_pass = [r for _, r in outputs if not r.retry]
     assert len(first_pass) == 3
@@ -235,22 +266,21 @@ def routed(module: RepairModule, prompt: str) -> bool:
 
 
 def test_merge_recalibrates_the_routing_threshold_on_the_merged_memory():
-    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, closed_loop=False,
-                          error_feedback=False, cluster_size=1, **TINY)
+    module = repair("progressive", "closed_loop", "error_feedback", cluster_size=1)
     list(module.edit_stream([A, B], progress=False))  # one shard per edit, TIES-merged after the batch
     assert module.memory.shards == []
     merged_scores = [module.in_scope_score(r) for r in (A, B)]
     assert module.memory.epsilon == pytest.approx(0.91 * min(merged_scores))  # recalibration_margin
     assert routed(module, A.prompt) and routed(module, B.prompt)  # both edits route
-    module._routing_floor = 0.5 * module.memory.min_in_scope  # a lower threshold from before the batch is kept
-    floor = module._routing_floor
-    module.recalibrate_routing([A, B])
+    module.routing_floor = 0.5 * module.memory.min_in_scope  # a lower threshold from before the batch is kept
+    floor = module.routing_floor
+    recalibrate_routing(module, [A, B], 0.91)
     assert module.memory.min_in_scope == pytest.approx(floor)
 
 
-def test_wise_is_repair_with_every_component_off():
-    assert RepairModule(tiny_llama(), char_tokenizer(), method="wise", **TINY).edit_callbacks == []
-    ablated = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, **TINY)
+def test_wise_has_no_components_and_one_flag_switches_one_off():
+    assert RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY)).edit_callbacks == []
+    ablated = repair("progressive")
     assert "ProgressiveIntervention" not in [type(cb).__name__ for cb in ablated.edit_callbacks]
 
 
@@ -259,16 +289,16 @@ def _drift_of_first_edit(distillation: bool) -> tuple[float, dict]:
     from repair_pl.losses import distillation_loss
 
     torch.manual_seed(0)
-    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, closed_loop=False,
-                          error_feedback=False, cluster_size=2, distillation=distillation, distill_weight=5.0,
-                          **TINY)
+    kwargs = preset("repair", progressive=False, closed_loop=False, error_feedback=False, cluster_size=2, **TINY)
+    kwargs["components"].distillation = InBatchDistillation(weight=5.0) if distillation else None
+    module = RepairModule(tiny_llama(), char_tokenizer(), **kwargs)
     module.edit_callbacks[0].n_clusters = 1  # A and C in one shard, A first
     stream = module.edit_stream([A, C], progress=False)
     next(stream)  # A edited
     _, _, teacher = module.answer_logits(A)
     next(stream)  # C edited (with or without distillation towards A's output); the shard is stored
     with torch.no_grad():
-        module.memory.side.copy_(module.memory.shards[-1])
+        module.memory.trainable.copy_(module.memory.shards[-1])
     _, _, after = module.answer_logits(A)
     list(stream)
     return float(distillation_loss(after, teacher)), module.intervention_counts()
@@ -291,18 +321,16 @@ def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
 
 @pytest.mark.parametrize("fixed_after_round", [True, False])
 def test_error_feedback_keeps_a_round_only_if_it_fixes_more_edits(monkeypatch, fixed_after_round):
-    from repair_pl.callbacks import ErrorFeedback
-    from repair_pl.callbacks import memory
+    from repair_pl.components import ErrorFeedback, error_feedback
 
-    module = RepairModule(tiny_llama(), char_tokenizer(), method="repair", progressive=False, closed_loop=False,
-                          error_feedback=False, cluster_size=1, **TINY)
+    module = repair("progressive", "closed_loop", "error_feedback", cluster_size=1)
     results = [r for _, r in module.edit_stream([A, B], progress=False)]
     before = {k: v.clone() for k, v in module.edited_state()[0].items()}
     threshold = module.memory.min_in_scope
     # scripted re-check: A fails, B passes; after the round either both pass or neither does
     script = iter([[False, True], [fixed_after_round, fixed_after_round]])
-    monkeypatch.setattr(memory, "rewrite_correct", lambda module, records: next(script))
-    feedback = ErrorFeedback(max_retries=1)
+    monkeypatch.setattr(error_feedback, "rewrite_correct", lambda module, records: next(script))
+    feedback = bound(ErrorFeedback(max_retries=1), module)
     feedback.on_edit_batch_end(module, [A, B], results)
     assert feedback.counts["reintegrated"] == 1  # A was re-edited
     after = module.edited_state()[0]

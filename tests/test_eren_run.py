@@ -45,6 +45,23 @@ def test_run_config_writes_results(tmp_path):
     assert (out / "notebook" / "notes.jsonl").read_text().count("\n") == 2
 
 
+def test_a_run_killed_while_saving_its_notebook_has_no_summary_json(tmp_path, monkeypatch):
+    from repair_pl.eren import Notebook
+
+    class Killed(BaseException):
+        """Stands in for the process dying."""
+
+    def killed(self, folder):
+        raise Killed
+
+    monkeypatch.setattr(Notebook, "save", killed)
+    cfg = {"model": {"method": "eren", "k": 2}, "data": {"path": str(cfh_file(tmp_path)), "ds_size": 2},
+           "trainer": {"default_root_dir": str(tmp_path / "out")}}
+    with pytest.raises(Killed):
+        run_config(cfg, reader=reader, encoder=HashEncoder(16), progress=False)
+    assert not (tmp_path / "out" / "summary.json").exists()  # a sweep must not take the run as done
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model.prompts"):
         build_editor({"prompts": {"reed": "x"}}, reader=reader, encoder=HashEncoder(8))

@@ -151,12 +151,26 @@ def make_records(n: int = 10) -> list[EditRecord]:
             for i in range(n)]
 
 
+def answer_tokens(tokenizer, records) -> list[list[list[int]]]:
+    """Each record's locality answers as tokens: the locality reference of a model that predicts
+    every answer exactly."""
+    return [[ids_of(tokenizer, " " + answer) for _, answer in record.locality] for record in records]
+
+
 def test_evaluate_oracle_scores_one_everywhere(tokenizer):
-    ev = evaluate_records(oracle(), tokenizer, make_records(6), batch_size=3)
+    records = make_records(6)
+    reference = answer_tokens(tokenizer, records)
+    ev = evaluate_records(oracle(), tokenizer, records, reference=reference, batch_size=3)
     for case in ev.cases:
         assert case["rewrite_acc"] == [1.0] and case["rewrite_em"] == [1.0]
         assert all(v == 1.0 for v in case["rephrase_acc"] + case["ood_acc"])
     assert ev.means["rewrite_acc"] == ev.means["rephrase_acc"] == ev.means["locality"] == 1.0
+    # the same predictions against a reference whose first answer token differs: one token lost per answer
+    changed = [[[VOCAB - 1] + ids[1:] for ids in answers] for answers in reference]
+    off = evaluate_records(oracle(), tokenizer, records, reference=changed, batch_size=3)
+    assert [case["locality"]["neighborhood_acc"] for case in off.cases] == \
+        [[pytest.approx(1 - 1 / len(ids)) for ids in answers] for answers in reference]
+    assert off.means["rewrite_acc"] == 1.0
 
 
 def test_evaluate_first_answer_token_wrong_by_hand(tokenizer):
@@ -191,21 +205,31 @@ def greedy_target(model, tokenizer, prompt: str, k: int = 6) -> str:
     return out
 
 
-def hand_accuracy(model, tokenizer, prompt: str, answer: str) -> float:
+def hand_predictions(model, tokenizer, prompt: str, answer: str) -> torch.Tensor:
+    """The model's greedy token at each answer position of ``prompt + " " + answer``, one
+    unpadded sequence at a time."""
     ids = ids_of(tokenizer, prompt + " " + answer)
     n = len(ids_of(tokenizer, prompt))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0]
-    preds = logits.argmax(-1)[n - 1: len(ids) - 1]  # position t predicts token t+1
-    return (preds == torch.tensor(ids[n:])).float().mean().item()
+    return logits.argmax(-1)[n - 1: len(ids) - 1]  # position t predicts token t+1
 
 
-def test_pre_edit_locality_is_exactly_one(tokenizer, tiny_model):
-    ev = evaluate_records(model_logits_fn(tiny_model), tokenizer, make_records(10), batch_size=4)
-    values = [v for case in ev.cases for v in case["locality"]["neighborhood_acc"]]
-    assert len(values) == sum(len(r.locality) for r in make_records(10))
-    assert all(v == 1.0 for v in values)
-    assert ev.means["locality"] == 1.0
+def hand_accuracy(model, tokenizer, prompt: str, answer: str) -> float:
+    ids = ids_of(tokenizer, prompt + " " + answer)
+    preds = hand_predictions(model, tokenizer, prompt, answer)
+    return (preds == torch.tensor(ids[-len(preds):])).float().mean().item()
+
+
+def test_locality_reference_is_the_models_greedy_answer(tokenizer, tiny_model):
+    """What a pre-edit evaluation hands on as the locality reference: the unedited model's own
+    greedy token at every answer position, as a plain forward pass gives it."""
+    records = make_records(10)
+    ev = evaluate_records(model_logits_fn(tiny_model), tokenizer, records, batch_size=4)
+    for preds, record in zip(ev.locality_preds, records):
+        assert len(preds) == len(record.locality)
+        for pred, (prompt, answer) in zip(preds, record.locality):
+            assert pred == hand_predictions(tiny_model, tokenizer, prompt, answer).tolist()
 
 
 def test_batched_equals_per_record(tokenizer, tiny_model):

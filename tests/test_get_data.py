@@ -15,7 +15,7 @@ DEMO = REPO_ROOT / "repair_pl" / "data" / "demo.jsonl"
 
 LAYOUT = {
     "zsre": ["zsre/zsre_edit_1000.json"],
-    "counterfact": ["counterfact/counterfact_edit_2000.json"],
+    "counterfact": ["counterfact/counterfact_edit_2000.json", "counterfact/counterfact-train.json"],
     "hallucination": ["hallucination/hallucination-edit.json",
                       "hallucination/hallucination-train.json"],
     "temporal": ["temporal/temporal-edit.json", "temporal/temporal-train.json"],

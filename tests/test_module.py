@@ -7,6 +7,7 @@ from repair_pl.data import EditRecord
 from repair_pl.evaluate import encode_pairs
 from repair_pl.merge import ties_merge
 from repair_pl.module import RepairModule
+from repair_pl.presets import preset
 from repair_pl.testing import char_tokenizer, tiny_llama
 
 A = EditRecord("capital of fr?", "xyz", rephrases=("fr capital?",), locality=(("who is bob", "abc"),),
@@ -20,8 +21,8 @@ TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=40, alpha=1.0, beta=5.0, g
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise
 
 
-def make(**kwargs) -> RepairModule:
-    return RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, **kwargs})
+def make(method: str = "wise", **kwargs) -> RepairModule:
+    return RepairModule(tiny_llama(), char_tokenizer(), **preset(method, **{**TINY, **kwargs}))
 
 
 def target_loss(module: RepairModule, record: EditRecord, edited: bool = True) -> float:
@@ -160,11 +161,13 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 
 def test_save_load_round_trip_keeps_the_disjoint_mask_plan(tmp_path):
-    module = make(max_steps=2, save_freq=1, disjoint_masks=True)
+    module = make(max_steps=2, save_freq=1)
+    module.memory.disjoint = True  # as REPAIR's distribution-aware memory sets it
     module.memory.plan_shards(4)
     module.edit(A)
     module.save_edits(tmp_path / "edits")
-    fresh = make(max_steps=2, save_freq=1, disjoint_masks=True)
+    fresh = make(max_steps=2, save_freq=1)
+    fresh.memory.disjoint = True
     fresh.load_edits(tmp_path / "edits")
     assert fresh.memory.shard_ratio == module.memory.shard_ratio == 0.25
     assert torch.equal(fresh.memory.used, module.memory.used) and fresh.memory.used.any()
@@ -182,10 +185,10 @@ def test_loading_edits_into_another_model_fails_clearly(tmp_path):
     module = make(max_steps=2)
     module.edit(A)
     module.save_edits(tmp_path / "edits")
-    other = RepairModule(tiny_llama(layers=6), char_tokenizer(), **{**TINY, "layer": 2})
+    other = RepairModule(tiny_llama(layers=6), char_tokenizer(), **preset("wise", **TINY))
     with pytest.raises(ValueError, match="6 layers"):
         other.load_edits(tmp_path / "edits")
-    wider = RepairModule(tiny_llama(hidden=64), char_tokenizer(), **TINY)
+    wider = RepairModule(tiny_llama(hidden=64), char_tokenizer(), **preset("wise", **TINY))
     with pytest.raises(ValueError, match="down projection"):
         wider.load_edits(tmp_path / "edits")
     with pytest.raises(FileNotFoundError, match="no saved edits"):
@@ -195,11 +198,11 @@ def test_loading_edits_into_another_model_fails_clearly(tmp_path):
         last.load_edits(tmp_path / "edits")
 
 
-def test_score_tokens_default_follows_the_method():
+def test_score_tokens_of_each_preset():
     assert make(method="wise").memory.score_tokens == "mean"  # WISE as published
     assert make(method="repair").memory.score_tokens == "last"
     assert make(method="repair", score_tokens="mean").memory.score_tokens == "mean"
-    with pytest.raises(ValueError, match="model.score_tokens"):
+    with pytest.raises(ValueError, match="SideMemory.score_tokens"):
         make(score_tokens="max")
 
 
@@ -217,7 +220,7 @@ def test_prompt_weight_splits_the_target_loss_between_bare_and_prefixed_prompts(
     assert bare == pytest.approx(target_loss(bare_only, A), rel=1e-4)  # the bare prompt's own CE
     assert half == pytest.approx(0.5 * bare + 0.5 * prefixed, rel=1e-5)
     assert token_mean != pytest.approx(half)  # None is the plain mean over all answer tokens
-    with pytest.raises(ValueError, match="model.prompt_weight"):
+    with pytest.raises(ValueError, match="SideMemory.prompt_weight"):
         make(prompt_weight=1.5)
 
 
@@ -227,7 +230,7 @@ def test_unwrap_model_puts_the_frozen_layer_back_for_another_module():
     module.unwrap_model()
     layer = module.model.model.layers[module.layer].mlp
     assert layer.down_proj is main
-    again = RepairModule(module.model, module.tokenizer, **TINY)  # wraps the plain layer, not the side memory
+    again = RepairModule(module.model, module.tokenizer, **preset("wise", **TINY))  # wraps the plain layer
     assert again.memory.main is main
 
 
@@ -239,10 +242,11 @@ def test_config_errors_name_the_key():
 
 
 def test_method_none_does_not_edit():
-    module = make(method="none")
-    side = module.memory.side.detach().clone()
+    module = RepairModule(tiny_llama(), char_tokenizer(), method="none", layer=2)
+    before = [p.clone() for p in module.model.parameters()]
     result = module.edit(A)
-    assert result.steps == 0 and torch.equal(side, module.memory.side)
+    assert module.memory is None and result.steps == 0 and not result.success
+    assert all(torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
 
 
 def test_reset_edits_restores_the_unedited_model():
@@ -266,12 +270,12 @@ def test_in_scope_scores_batched_and_from_the_edit_batch_match_one_by_one():
 
 def _stream_with_one_reedit(monkeypatch, cache_mb: float):
     """A and B in one REPAIR batch; error feedback's scripted re-check fails A once, so A is re-edited."""
-    from repair_pl.callbacks import memory
+    from repair_pl.components import error_feedback
 
     module = make(method="repair", progressive=False, closed_loop=False, cluster_size=1, max_retries=1)
     module.lower_cache_mb = cache_mb
     script = iter([[False, True], [True, True]])
-    monkeypatch.setattr(memory, "rewrite_correct", lambda module, records: next(script))
+    monkeypatch.setattr(error_feedback, "rewrite_correct", lambda module, records: next(script))
     calls = []
     original = module.lower_states
     monkeypatch.setattr(module, "lower_states", lambda batch: calls.append(1) or original(batch))
@@ -322,3 +326,54 @@ def test_out_of_scope_rows_stop_at_the_edited_layer_without_changing_the_step():
     for key in ("loss", "edit_loss", "routing_loss", "out_scope"):
         torch.testing.assert_close(losses[key], full[key])
     torch.testing.assert_close(cut_grad, module.memory.side.grad)
+
+
+def test_generate_leaves_the_tokenizer_and_the_memory_mode_as_it_found_them():
+    module = make()
+    module.edit(A)
+    module.tokenizer.padding_side, module.memory.mode = "left", "off"
+    module.generate([A.prompt, "who is bob"], max_new_tokens=2)
+    assert module.tokenizer.padding_side == "left" and module.memory.mode == "off"
+    module.tokenizer.padding_side = "right"
+    module.generate([A.prompt], max_new_tokens=2)
+    assert module.tokenizer.padding_side == "right"
+
+
+def test_writing_prefixes_restores_the_rng_and_the_mode_even_when_generation_fails(monkeypatch):
+    module = make()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    module.prepare_edit(A)  # writes the context prefixes with seeded sampling
+    assert torch.equal(torch.get_rng_state(), state)
+    fresh = make()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(fresh.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        fresh.prepare_edit(A)
+    assert fresh.memory.mode == "route" and fresh.memory.prefixes is None
+
+
+def test_a_reedit_does_not_add_its_routing_prompt_to_the_negatives_again():
+    module = make(n_negatives=3, max_steps=2)
+    module.edit(A)
+    module.reedit(A)
+    module.reedit(A)
+    assert len(module.memory.negatives) == 1
+    module.edit(B)
+    assert len(module.memory.negatives) == 2
+
+
+def test_a_record_without_routing_prompt_gets_text_the_frozen_model_wrote():
+    record = EditRecord("capital of fr?", "xyz", locality=(("who is bob", "abc"),))
+    module, other = make(), make()
+    batch = module.prepare_edit(record)
+    row = batch["other_rows"][0]
+    out_row = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+    text, pool = module.memory.generated_routing_text(record, module), module.memory.routing_pool
+    assert len(pool) == 32 and text in pool and out_row == module.tokenizer([text]).input_ids[0]
+    assert "who is bob" not in text and record.prompt not in text
+    other.prepare_edit(record)
+    assert other.memory.routing_pool == pool  # seeded: the same texts in every module of this seed

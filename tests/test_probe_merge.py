@@ -1,4 +1,4 @@
-"""scripts/probe_merge.py: a batch's shards kept from one edit pass and merged again."""
+"""tools/probe_merge.py: a batch's shards kept from one edit pass and merged again."""
 
 import importlib.util
 from pathlib import Path
@@ -12,7 +12,7 @@ from repair_pl.testing import char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_merge.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "probe_merge.py"
 TINY = dict(method="repair", n_prefixes=1, layer=2, lr=10.0, max_steps=4, undo_unreached=False, alpha=1.0, beta=5.0, gamma=3.0,
             mask_ratio=0.5, norm_constraint=None, eval_batch_size=4, cluster_size=2, error_feedback=False)
 RECORDS = [EditRecord(f"question {i}?", t, rephrases=(f"q {i}?",), locality=((f"other {i}", "abc"),),

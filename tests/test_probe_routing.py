@@ -1,4 +1,4 @@
-"""scripts/probe_routing.py: one edit pass scored at several routing thresholds."""
+"""tools/probe_routing.py: one edit pass scored at several routing thresholds."""
 
 import importlib.util
 from pathlib import Path
@@ -12,7 +12,7 @@ from repair_pl.testing import char_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_routing.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "probe_routing.py"
 TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=30, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
             norm_constraint=None, eval_batch_size=4)
 RECORDS = [EditRecord("capital of fr?", "xyz", rephrases=("fr capital?",), locality=(("who is bob", "abc"),),
@@ -64,8 +64,15 @@ def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
     last_scores = module.in_scope_scores(RECORDS)
     assert module.memory.score_tokens == "last" and last_scores != pytest.approx(mean_scores)
     assert out["edit_min"] == pytest.approx(min(last_scores))
+    assert out["edit_median"] == pytest.approx(sorted(last_scores)[len(last_scores) // 2])
     assert out["epsilon"] == pytest.approx(module.hparams.recalibration_margin * min(last_scores))
-    assert 0 <= out["unrelated_above_weakest_edit"] <= len(RECORDS)
+    # the unrelated prompts are the records' locality prompts, scored through the same memory
+    unrelated = module.in_scope_scores([EditRecord(*r.locality[0]) for r in RECORDS])
+    assert out["unrelated_max"] == pytest.approx(max(unrelated))
+    assert out["unrelated_above_weakest_edit"] == sum(u > min(last_scores) for u in unrelated)
+    assert out["edits_below_strongest_unrelated"] == sum(e < max(unrelated) for e in last_scores)
+    # one unrelated prompt scores above the weakest edit, one below: the count is neither none nor all
+    assert 0 < out["unrelated_above_weakest_edit"] < len(RECORDS)
 
 
 def test_retrieved_memories_follow_the_routing_choice():

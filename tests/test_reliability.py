@@ -20,7 +20,7 @@ from repair_pl.data import EditDataError, EditRecord
 from repair_pl.evaluate import encode_pairs
 from repair_pl.lifelong import run_lifelong
 from repair_pl.module import RepairModule
-from repair_pl.testing import char_tokenizer, tiny_llama
+from repair_pl.testing import char_tokenizer, tiny_editor, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [EditRecord(f"capital of c{i}?", f"x{i}y", rephrases=(f"c{i} capital?",),
@@ -43,7 +43,7 @@ class Killed(BaseException):
 def run(out: Path, options: dict, T=4, checkpoint_every=2, die_at_edit: int | None = None) -> dict:
     """One run on a fresh module; ``die_at_edit=k`` stops it at the k-th call of ``edit``."""
     L.seed_everything(0, verbose=False)
-    module = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    module = tiny_editor(**options)
     if die_at_edit is not None:
         original, calls = module.edit, {"n": 0}
 
@@ -69,12 +69,11 @@ def without_wall_time(obj):
 def outputs(folder: Path) -> tuple[str, str, dict, dict]:
     """results.json and summary.json without wall time (as canonical JSON text, so NaN == NaN),
     and the saved final edited state."""
-    from safetensors.torch import load_file
+    from repair_pl.checkpoint import read_state
 
     results = json.dumps(without_wall_time(json.loads((folder / "results.json").read_text())), sort_keys=True)
     summary = json.dumps(without_wall_time(json.loads((folder / "summary.json").read_text())), sort_keys=True)
-    tensors = load_file(str(folder / "edits" / "edits.safetensors"))
-    meta = json.loads((folder / "edits" / "edits.json").read_text())
+    tensors, meta = read_state(folder / "edits")
     return results, summary, tensors, meta
 
 
@@ -93,8 +92,8 @@ def assert_same_outputs(a: Path, b: Path) -> None:
 # Checkpoint and resume in process
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, die_at", [(WISE, [3, 3, 2]), (REPAIR, [4, 5, 3]), (dict(TINY, method="ft_l"), [3, 2]),
-                                             (dict(TINY, method="grace"), [3, 2])],
+@pytest.mark.parametrize("options, die_at", [(WISE, [3, 3, 2]), (REPAIR, [4, 5, 3]), (dict(layer=2, max_steps=8, eval_batch_size=4, method="ft_l"), [3, 2]),
+                                             (dict(layer=2, max_steps=8, eval_batch_size=4, method="grace"), [3, 2])],
                          ids=["wise", "repair", "ft_l", "grace"])
 def test_interrupted_run_resumes_to_the_same_end(tmp_path, capsys, options, die_at):
     run(tmp_path / "whole", options)
@@ -131,7 +130,7 @@ def test_resume_does_not_redo_finished_edits(tmp_path, monkeypatch):
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     with pytest.raises(Killed):
         run(tmp_path, WISE, die_at_edit=4)
-    with pytest.raises(ValueError, match=r"different run \(model.lr was 10.0, now 5.0\).*delete"):
+    with pytest.raises(ValueError, match=r"different run \(model.memory.init_args.lr was 10.0, now 5.0\).*delete"):
         run(tmp_path, {**WISE, "lr": 5.0})
     with pytest.raises(ValueError, match=r"T was 4, now 2"):
         run(tmp_path, WISE, T=2)
@@ -147,13 +146,13 @@ def test_unreadable_checkpoint_is_reported(tmp_path):
 
 def test_saved_state_round_trips_negatives_and_shard_losses(tmp_path):
     options = {**WISE, "merge_freq": None}  # edits 1-2 in a stored shard, edit 3 in the current one
-    module = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    module = tiny_editor(**options)
     for record in RECORDS[:3]:
         module.edit(record)
     module.save_edits(tmp_path / "edits")
-    fresh = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    fresh = tiny_editor(**options)
     fresh.load_edits(tmp_path / "edits")
-    assert list(fresh._negatives) == list(module._negatives) and len(module._negatives) == 2
+    assert list(fresh.memory.negatives) == list(module.memory.negatives) and len(module.memory.negatives) == 2
     assert fresh.memory.shard_losses == module.memory.shard_losses and module.memory.shard_losses
     assert fresh.memory.current_losses == module.memory.current_losses and module.memory.current_losses
     assert torch.equal(fresh.memory._generator.get_state(), module.memory._generator.get_state())
@@ -244,13 +243,14 @@ def test_nan_edit_is_reported_by_case_id_and_the_stream_continues(tmp_path, monk
 
     monkeypatch.setattr(RepairModule, "edit_losses", poisoned)
     monkeypatch.setattr(RepairModule, "edit", edit)
-    options = {**TINY, "method": "wise", "closed_loop": True, "max_steps": 40}
+    options = {**TINY, "method": "repair", "progressive": False, "distribution_aware": False,
+               "error_feedback": False, "score_tokens": "mean", "max_steps": 40}  # WISE with closed loop
     L.seed_everything(0, verbose=False)
-    module = RepairModule(tiny_llama(), char_tokenizer(), **options)
+    module = tiny_editor(**options)
     summary = run_lifelong(module, RECORDS[:3], tmp_path, progress=False)
     assert 1 in summary["failed_case_ids"] and summary["n_failed"] == len(summary["failed_case_ids"])
     # the poisoned edit rolls back max_rollbacks times, then once more and is failed
-    assert summary["interventions"]["rollbacks"] >= module.hparams.max_rollbacks + 1
+    assert summary["interventions"]["rollbacks"] >= module.components.closed_loop.max_rollbacks + 1
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["case_id"] for r in results] == [0, 1, 2]
     assert results[2]["edit"]["steps"] > 0  # the edit after the failed one ran
@@ -269,20 +269,23 @@ def test_nan_edit_is_reported_by_case_id_and_the_stream_continues(tmp_path, monk
     (dict(checkpoint_every=-1), "checkpoint_every must be a positive integer"),
 ])
 def test_run_options_are_checked_first(tmp_path, kwargs, message):
-    module = RepairModule(tiny_llama(), char_tokenizer(), **TINY)
+    module = tiny_editor(**TINY)
     with pytest.raises(ValueError, match=message):
         run_lifelong(module, RECORDS, tmp_path, progress=False, **{"T": 2, **kwargs})
     assert not (tmp_path / "results.json").exists()
 
 
-@pytest.mark.parametrize("option, value", [
-    ("max_steps", 0), ("eval_batch_size", -1), ("edit_batch_size", 0), ("save_freq", 0), ("max_length", 0),
-    ("n_prefixes", -1), ("mask_ratio", 0.0), ("merge_method", "avg"), ("cluster_method", "dbscan"),
-    ("layer", 4), ("method", "rome"),
+@pytest.mark.parametrize("option, value, key", [
+    ("max_steps", 0, "model.max_steps"), ("eval_batch_size", -1, "model.eval_batch_size"),
+    ("max_length", 0, "model.max_length"), ("layer", 4, "model.layer"), ("method", "rome", "model.method"),
+    ("edit_batch_size", 0, "components.edit_batch_size"), ("save_freq", 0, "SideMemory.save_freq"),
+    ("n_prefixes", -1, "SideMemory.n_prefixes"), ("mask_ratio", 0.0, "SideMemory.mask_ratio"),
+    ("merge_method", "avg", "SideMemory.merge_method"), ("cluster_method", "dbscan", "DistributionAwareMemory.cluster_method"),
+    ("recalibration_margin", 1.5, "components.recalibration_margin"),
 ])
-def test_module_options_name_the_key(option, value):
-    with pytest.raises(ValueError, match=rf"model\.{option}"):
-        RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, option: value})
+def test_module_options_name_the_key(option, value, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        tiny_editor(**{**TINY, "method": "repair", option: value})
 
 
 def test_cli_rejects_bad_checkpoint_every_before_loading_the_model(tmp_path, capsys):
@@ -301,7 +304,7 @@ def test_cli_rejects_bad_checkpoint_every_before_loading_the_model(tmp_path, cap
 # ---------------------------------------------------------------------------------------------
 
 def test_overlong_prompt_is_cut_from_the_left_when_editing():
-    module = RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, "max_length": 24, "n_prefixes": 0})
+    module = tiny_editor(**{**TINY, "max_length": 24, "n_prefixes": 0})
     long = EditRecord("blah " * 40 + "capital of fr?", "xyz", routing_prompt="unrelated " * 30)
     batch = module.prepare_edit(long)
     assert batch["input_ids"].shape[1] == 24
@@ -311,7 +314,7 @@ def test_overlong_prompt_is_cut_from_the_left_when_editing():
 
 
 def test_answer_longer_than_max_length_is_rejected_naming_it(tmp_path):
-    module = RepairModule(tiny_llama(), char_tokenizer(), **{**TINY, "max_length": 8})
+    module = tiny_editor(**{**TINY, "max_length": 8})
     record = EditRecord("q?", "a very long answer", case_id=3)
     with pytest.raises(EditDataError, match=r"'a very long answer'.*max_length=8"):
         run_lifelong(module, [record], tmp_path, progress=False)
@@ -346,7 +349,7 @@ def test_property_encode_pairs_keeps_whole_answers_and_the_prompt_end(pairs, max
 
 
 TINY_MODEL = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "tiny-random", "--model.layer", "2",
-              "--model.n_prefixes", "1", "--model.max_steps", "2", "--trainer.enable_progress_bar", "false",
+              "--model.memory.n_prefixes", "1", "--model.max_steps", "2", "--trainer.enable_progress_bar", "false",
               "--trainer.logger", "false"]
 
 
@@ -388,7 +391,7 @@ def test_cli_skips_and_reports_invalid_records_when_asked(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 TINY_CLI = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "tiny-random", "--model.layer", "2",
-            "--model.n_prefixes", "1", "--model.max_steps", "12", "--model.save_freq", "2", "--model.merge_freq", "3",
+            "--model.memory.n_prefixes", "1", "--model.max_steps", "12", "--model.memory.save_freq", "2", "--model.memory.merge_freq", "3",
             "--data.ds_size", "8", "--T", "4", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false"]
 
@@ -459,7 +462,7 @@ def test_sigkill_at_random_moments_then_rerun_ends_bit_identical(tmp_path):
 
 @pytest.mark.integration
 def test_sigkill_and_resume_on_smollm2(tmp_path):
-    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.n_prefixes", "1", "--model.max_steps", "6",
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.memory.n_prefixes", "1", "--model.max_steps", "6",
             "--data.ds_size", "3", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false"]
     logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300)

@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from repair_pl.side_memory import SideMemory
+from repair_pl.memory import SideMemory
+from repair_pl.testing import attached
 
 
 def routed_memory() -> SideMemory:
     torch.manual_seed(0)
-    memory = SideMemory(nn.Linear(8, 4, bias=False).requires_grad_(False))
+    memory = attached(SideMemory(), nn.Linear(8, 4, bias=False))
     with torch.no_grad():
         memory.side.add_(torch.randn_like(memory.side))
     memory.min_in_scope = 1.0
@@ -47,7 +48,7 @@ def test_disjoint_masks_of_a_batch_never_overlap_and_merge_whole():
     from repair_pl.merge import ties_merge
 
     torch.manual_seed(0)
-    memory = SideMemory(nn.Linear(40, 30, bias=False).requires_grad_(False), mask_ratio=0.5, disjoint=True)
+    memory = attached(SideMemory(mask_ratio=0.5), nn.Linear(40, 30, bias=False), disjoint=True)
     memory.plan_shards(3)  # 3 shards of min(0.5, 1/3) of the 1200 entries each
     masks = []
     for _ in range(3):
@@ -66,8 +67,7 @@ def test_disjoint_masks_of_a_batch_never_overlap_and_merge_whole():
 
 def test_stacked_shards_start_where_the_last_one_ended_and_merge_to_it():
     torch.manual_seed(0)
-    memory = SideMemory(nn.Linear(40, 30, bias=False).requires_grad_(False), mask_ratio=0.5, disjoint=True,
-                        stack=True)
+    memory = attached(SideMemory(mask_ratio=0.5, stack_shards=True), nn.Linear(40, 30, bias=False), disjoint=True)
     memory.plan_shards(3)
     changes = []
     for k in range(3):
@@ -89,9 +89,8 @@ def test_stacked_shards_start_where_the_last_one_ended_and_merge_to_it():
 
 
 def test_overlapping_masks_are_drawn_as_before_when_not_disjoint():
-    a = SideMemory(nn.Linear(40, 30, bias=False), mask_ratio=0.2, seed=3)
-    b = SideMemory(nn.Linear(40, 30, bias=False), mask_ratio=0.2, seed=3, disjoint=False)
-    a.new_mask(), b.new_mask()
+    a = attached(SideMemory(mask_ratio=0.2), nn.Linear(40, 30, bias=False), seed=3)  # draws the first mask
+    b = attached(SideMemory(mask_ratio=0.2), nn.Linear(40, 30, bias=False), seed=3, disjoint=False)
     b.plan_shards(10)  # no effect without disjoint masks
     assert torch.equal(a.mask, b.mask)
     expected = torch.rand((30, 40), generator=torch.Generator().manual_seed(3)) < 0.2
@@ -119,4 +118,4 @@ def test_last_token_score_reads_the_last_routing_token_of_each_row():
 
 def test_unknown_score_tokens_is_refused():
     with pytest.raises(ValueError, match="score_tokens"):
-        SideMemory(nn.Linear(8, 4, bias=False), score_tokens="first")
+        SideMemory(score_tokens="first")

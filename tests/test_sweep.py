@@ -10,7 +10,7 @@ import yaml
 from repair_pl.sweep import Run, SweepError, collect, comparison_table, find_config, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--", "--model.layer", "2", "--model.n_prefixes", "1", "--model.max_steps", "2",
+TINY = ["--", "--model.layer", "2", "--model.max_steps", "2", "--generation_examples", "0",
         "--trainer.enable_progress_bar", "false"]
 
 
@@ -30,7 +30,8 @@ def test_plan_is_datasets_x_T_x_methods_and_skips_T_beyond_the_data(tmp_path):
         ("mine", "wise", 10), ("mine", "ft_l", 10), ("mine", "repair-no-closed_loop", 10)]
     assert notes == ["demo: T=50 skipped, the data has 40 records", "mine: T=50 skipped, the data has 40 records"]
     assert all(r.n_records == 10 for r in runs)
-    assert runs[2].args == ("--model.method", "repair", "--model.closed_loop", "false")
+    assert runs[0].args == ("--config", str(find_config("methods/wise")))  # the method's overlay
+    assert runs[2].args == ("--model.components.closed_loop", "null")  # REPAIR (the dataset config) minus one part
     assert runs[0].folder(tmp_path / "out") == tmp_path / "out" / "demo" / "wise_T10"
 
 
@@ -44,7 +45,7 @@ def test_ds_size_is_capped_by_the_data_and_must_cover_T():
 
 
 def test_run_arguments_carry_the_wandb_group_and_name(tmp_path):
-    run = Run("zsre", Path("configs/zsre.yaml"), "repair", 10, 10, ("--model.method", "repair"))
+    run = Run("zsre", Path("configs/zsre.yaml"), "repair", 10, 10, ())
     args = run.cli_args(tmp_path, ["--model.max_steps", "5"], wandb={"config": "configs/wandb.yaml", "group": "g"})
     pairs = dict(zip(args[1::2], args[2::2]))
     assert args[0] == "fit" and args[-2:] == ["--model.max_steps", "5"]  # user overrides come last
@@ -125,6 +126,33 @@ def test_rerun_finishes_only_the_missing_run(tmp_path, capsys):
     table = (out / "COMPARISON_SUMMARY.md").read_text()
     assert "| wise | 2 | 2 |" in table and "| none | 2 | 2 |" in table
     assert table.index("| wise |") < table.index("| none |")  # rows in the order of --methods
+
+
+class Killed(BaseException):
+    """Stands in for the process dying: the sweep does not catch it."""
+
+
+def test_a_run_killed_before_its_outputs_are_all_written_is_not_taken_as_done(tmp_path, monkeypatch, capsys):
+    from repair_pl.module import RepairModule
+
+    runs, _ = plan(["demo"], ["wise"], [2])
+    out, folder = tmp_path / "sweep", runs[0].folder(tmp_path / "sweep")
+    extra = ["--model.model", "tiny-random", *TINY[1:]]
+    real = RepairModule.save_edits
+
+    def killed_at_the_final_state(self, path):
+        if Path(path) == folder / "edits":  # checkpoints go through; the run's last output does not
+            raise Killed
+        return real(self, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RepairModule, "save_edits", killed_at_the_final_state)
+        with pytest.raises(Killed):
+            run_sweep(runs, out, extra)
+    capsys.readouterr()
+    assert run_sweep(runs, out, extra) == []
+    assert f"run {folder}" in capsys.readouterr().out  # redone, not skipped as done
+    assert (folder / "edits").is_dir() and (folder / "summary.md").is_file() and (folder / "summary.json").is_file()
 
 
 def test_jobs_run_side_by_side_in_processes_with_their_own_logs(tmp_path, capsys):
@@ -240,9 +268,14 @@ def test_a_task_only_eren_runs_goes_through_the_sweep(tmp_path, monkeypatch):
     assert "| eren | 2 | 2 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
 
 
-def test_model_settings_of_a_config_leave_out_model_and_method():
-    from repair_pl.sweep import model_settings
+def test_module_arguments_merge_configs_as_the_cli_does():
+    from repair_pl.cli import module_arguments
 
-    settings = model_settings(find_config("zsre"))
-    assert "model" not in settings and "method" not in settings
-    assert settings["lr"] == 5.0 and settings["act_ratio"] == 1.03  # configs/zsre.yaml's SmolLM2 settings
+    repair = module_arguments(find_config("zsre"))
+    assert "model" not in repair and repair["method"] == "repair"
+    assert repair["memory"].lr == 5.0 and repair["memory"].score_tokens == "last"  # configs/zsre.yaml
+    assert repair["components"].distribution_aware.cluster_size == 20
+    wise = module_arguments(find_config("zsre"), find_config("methods/wise"))
+    assert wise["memory"].lr == 5.0 and wise["memory"].score_tokens == "mean" and wise["components"] is None
+    grace = module_arguments(find_config("zsre"), find_config("methods/grace"))
+    assert type(grace["memory"]).__name__ == "GraceCodebook" and grace["memory"].lr == 300.0

@@ -1,4 +1,4 @@
-"""The W&B sweep config: the arguments a `wandb agent` passes (`--model.lr=0.5`) reach the
+"""The W&B sweep config: the arguments a `wandb agent` passes (`--model.memory.lr=0.5`) reach the
 LightningCLI; the sweep's objective is logged. No wandb needed."""
 
 import csv
@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from repair_pl import EditRecord, RepairModule
+from repair_pl.presets import preset
 from repair_pl.cli import main
 from repair_pl.lifelong import edit_score, run_lifelong
 from repair_pl.testing import char_tokenizer, tiny_llama
@@ -29,8 +30,9 @@ def _agent_value(spec: dict):
 
 def test_sweep_searches_the_documented_knobs():
     assert SWEEP["method"] in ("bayes", "random") and SWEEP["metric"] == {"name": "post/score", "goal": "maximize"}
-    assert set(SWEEP["parameters"]) == {"model.layer", "model.lr", "model.act_ratio", "model.decay_factor",
-                                        "model.cluster_size"}
+    assert set(SWEEP["parameters"]) == {"model.layer", "model.memory.lr", "model.memory.act_ratio",
+                                        "model.components.progressive.decay_factor",
+                                        "model.components.distribution_aware.cluster_size"}
     assert (ROOT / SWEEP["program"]).exists() and SWEEP["command"][-1] == "${args}"
 
 
@@ -44,15 +46,18 @@ def test_agent_arguments_parse_with_lightning_cli(capsys, monkeypatch):
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     for name, value in drawn.items():
-        assert printed["model"][name.split(".")[1]] == value, name
-    assert printed["model"]["method"] == "repair"
+        node = printed
+        for key in name.split("."):
+            node = node.get("init_args", node)[key]  # class_path/init_args nest the options of a part
+        assert node == value, name
+    assert printed["model"]["method"] == "repair" and printed["data"]["start"] == 500
 
 
 def test_the_objective_is_logged_and_runs_of_a_sweep_get_their_own_folder(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger
 
     assert edit_score({"rewrite_acc": 1.0, "rephrase_acc": 0.5, "locality": 0.0, "rewrite_ppl": 9.0}) == 0.5
-    module = RepairModule(tiny_llama(), char_tokenizer(), layer=2, n_prefixes=1, max_steps=2)
+    module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", layer=2, n_prefixes=1, max_steps=2))
     record = EditRecord(prompt="Who leads Acme?", target="Zed", locality=(("sky is", "blue"),))
     logger = CSVLogger(tmp_path, name="log")
     summary = run_lifelong(module, [record], tmp_path / "run", logger=logger, progress=False)

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("wandb")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model.model", "tiny-random", "--model.layer", "2", "--model.n_prefixes", "1", "--model.max_steps", "3",
+TINY = ["--model.model", "tiny-random", "--model.layer", "2", "--model.memory.n_prefixes", "1", "--model.max_steps", "3",
         "--trainer.enable_progress_bar", "false"]
 
 
@@ -21,7 +21,7 @@ def test_offline_wandb_run_holds_the_per_edit_curves_and_final_metrics(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # offline must be the default
     env["WANDB_CACHE_DIR"] = env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb-home")
     cmd = [sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", "--config", "configs/demo.yaml",
-           "--config", "configs/wandb.yaml", *TINY, "--data.ds_size", "2", "--T", "2", "--model.lr", "2.0",
+           "--config", "configs/wandb.yaml", *TINY, "--data.ds_size", "2", "--T", "2", "--model.memory.lr", "2.0",
            "--trainer.default_root_dir", str(tmp_path / "run"),
            "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
            "--trainer.logger.init_args.group", "sweep-a", "--trainer.logger.init_args.name", "demo/wise_T2"]

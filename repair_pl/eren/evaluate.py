@@ -40,9 +40,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from repair_pl.checkpoint import write_file_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.eren.editor import ErenEditor, first_line
-from repair_pl.eren.notebook import atomic_write
 from repair_pl.eren.verdict import parse_verdict
 
 GATE_THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
@@ -404,10 +404,11 @@ def _markdown(summary: dict, extra: dict | None = None) -> str:
 
 
 def write_results(out_dir: str | Path, cases: list[dict], summary: dict, extra: dict | None = None) -> Path:
-    """Write ``results.json``, ``summary.json`` and ``summary.md`` into ``out_dir`` (atomically)."""
+    """Write ``results.json``, ``summary.md`` and last ``summary.json`` (a sweep takes it as "this
+    run is done") into ``out_dir``, each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", json.dumps(cases, indent=1, ensure_ascii=False))
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
-    atomic_write(out / "summary.md", _markdown(summary, extra))
+    write_file_atomic(out / "results.json", json.dumps(cases, indent=1, ensure_ascii=False))
+    write_file_atomic(out / "summary.md", _markdown(summary, extra))
+    write_file_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return out

@@ -11,13 +11,13 @@ notebook whose notes and vectors no longer line up.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from repair_pl.checkpoint import write_file_atomic
 from repair_pl.eren.retrieval import Encoder, VectorIndex
 
 FORMAT_VERSION = 1
@@ -34,17 +34,6 @@ class Note:
     id: str
     text: str
     meta: dict = field(default_factory=dict)
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Notebook:
@@ -148,16 +137,16 @@ class Notebook:
         """Write the notebook into ``folder`` (created if needed); returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "notes.jsonl", "".join(json.dumps(asdict(n), ensure_ascii=False) + "\n"
+        write_file_atomic(folder / "notes.jsonl", "".join(json.dumps(asdict(n), ensure_ascii=False) + "\n"
                                                      for n in self._notes))
         import io
 
         buffer = io.BytesIO()
         np.save(buffer, self.index.vectors.numpy().astype(np.float32))
-        atomic_write(folder / "embeddings.npy", buffer.getvalue())
+        write_file_atomic(folder / "embeddings.npy", buffer.getvalue())
         manifest = {"format": FORMAT_VERSION, "encoder": self.encoder.name, "dim": self.encoder.dim,
                     "count": len(self), "next_id": self._next_id}
-        atomic_write(folder / "notebook.json", json.dumps(manifest, indent=1))  # last: marks a complete save
+        write_file_atomic(folder / "notebook.json", json.dumps(manifest, indent=1))  # last: marks a complete save
         return folder
 
     @classmethod

@@ -104,11 +104,13 @@ def run_config(cfg: dict, reader=None, encoder=None, progress: bool = True) -> d
     summary["reader"] = model_cfg.get("model", "smollm2") if model_cfg.get("reader", "hf") == "hf" else \
         f"openai:{(model_cfg.get('openai') or {}).get('model')}"
     summary["encoder"], summary["k"] = editor.notebook.encoder.name, editor.k
-    write_results(out, cases, summary)
-    editor.notebook.save(out / "notebook")
     import yaml
 
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # as the REPAIR runs do
+    from repair_pl.checkpoint import write_file_atomic
+
+    editor.notebook.save(out / "notebook")
+    write_file_atomic(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))  # as the REPAIR runs do
+    write_results(out, cases, summary)  # summary.json last: a sweep takes it as "this run is done"
     return summary
 
 

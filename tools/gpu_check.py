@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """GPU check: short lifelong ZsRE runs on CUDA through the normal command line, recording the
-device, seconds per edit and peak GPU memory. Started by ``scripts/gpu_check.sh`` (which finds
+device, seconds per edit and peak GPU memory. Started by ``tools/gpu_check.sh`` (which finds
 the model, data and wheels); writes ``OUT/gpu_check.json`` after every run and
 ``OUT/gpu_check.md`` at the end.
 
-    python scripts/gpu_check.py --out runs/gpu_check --smollm2 smollm2 [--llama PATH] [--data FILE]
+    python tools/gpu_check.py --out runs/gpu_check --smollm2 smollm2 [--llama PATH] [--data FILE]
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ def main() -> None:
 
 
 def _write(out: Path, report: dict) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    from repair_pl.checkpoint import write_file_atomic, write_json_atomic
+
+    write_json_atomic(out / "gpu_check.json", report, indent=1)
     lines = [f"# GPU check on {report['device']}", "",
              f"torch {report['torch']} (CUDA {report['cuda']}), transformers {report['transformers']}; "
              f"SmolLM2 weights: {report['weights']}; data: {report['data']}", "",
@@ -149,7 +151,7 @@ def _write(out: Path, report: dict) -> None:
         lines.append(f"- device_map run vs plain run, first chunk: {report['device_map_same_rewrite_acc_cases']} "
                      f"cases with the same post rewrite accuracy")
     lines += [f"- skipped: {s}" for s in report["skipped"]]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    write_file_atomic(out / "gpu_check.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Between batches of edits: distribution-aware sharding, merging, and error feedback."""
+"""Error feedback: after a batch is merged, re-check its edits and re-edit what was lost."""
 
 from __future__ import annotations
 
@@ -6,59 +6,8 @@ import copy
 
 import torch
 
-from repair_pl.callbacks.base import EditStreamCallback
-from repair_pl.clustering import cluster_labels, default_clusters, embed_prompts, plan_shards
+from repair_pl.components.base import EditStreamCallback, recalibrate_routing
 from repair_pl.evaluate import predict_answers
-
-
-class DistributionAwareMemory(EditStreamCallback):
-    """Before a batch of edits: embed the prompts (hidden states of the frozen model at the
-    edited layer), cluster them, and edit cluster by cluster, one shard per cluster, so that
-    each shard holds semantically similar edits. ``heterogeneous=True`` deliberately mixes
-    clusters across shards (the ablation). With disjoint masks (the module's ``disjoint_masks``)
-    the batch's shards get non-overlapping masks sized to fit (:meth:`SideMemory.plan_shards`)."""
-
-    def __init__(self, cluster_size: int = 5, n_clusters: int | None = None, method: str = "kmeans",
-                 heterogeneous: bool = False, seed: int = 0):
-        self.cluster_size, self.n_clusters, self.method = cluster_size, n_clusters, method
-        self.heterogeneous, self.seed = heterogeneous, seed
-        self.shard_ends: set[int] = set()
-        self.plan: list[list] = []
-        self._done = 0
-
-    def on_edit_batch_start(self, module, records: list) -> list:
-        k = self.n_clusters or default_clusters(len(records), self.cluster_size)
-        labels = cluster_labels(embed_prompts(module, [r.prompt for r in records]), k, self.method, self.seed)
-        self.plan = plan_shards(records, labels, self.heterogeneous)
-        module.memory.plan_shards(len(self.plan))
-        ends, total = set(), 0
-        for group in self.plan:
-            total += len(group)
-            ends.add(total)
-        self.shard_ends, self._done = ends, 0
-        module.shard_plan = self.plan
-        return [r for group in self.plan for r in group]
-
-    def on_edit_end(self, module, record, result) -> None:
-        if result.retry:
-            return
-        self._done += 1
-        if self._done in self.shard_ends:
-            module.memory.save_shard()
-
-
-class MemoryMerging(EditStreamCallback):
-    """After a batch of edits, merge the stored shards (and the current one) into the side
-    memory (TIES by default, the module's ``merge_method``); with ``loss_aware`` shards whose
-    edits ended with a lower loss weigh more (weight = 1 / (mean final loss + eps)). In TIES the
-    weights decide between shards that share an entry, so with disjoint masks they change nothing."""
-
-    def __init__(self, loss_aware: bool = True, eps: float = 0.05):
-        self.loss_aware, self.eps = loss_aware, eps
-
-    def on_edit_batch_end(self, module, records: list, results: list) -> None:
-        module.memory.merge_shards(loss_aware=self.loss_aware, eps=self.eps)
-        module.recalibrate_routing([r for r, res in zip(records, results) if res.success])
 
 
 @torch.no_grad()
@@ -84,7 +33,11 @@ class ErrorFeedback(EditStreamCallback):
     still fail."""
 
     def __init__(self, tau_prune: float = 0.5, max_retries: int = 2):
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"ErrorFeedback.max_retries must be an integer >= 0, got {max_retries!r}")
         self.tau_prune, self.max_retries = tau_prune, max_retries
+
+    def bind(self, module) -> None:
         self.counts = {"reintegrated": 0, "pruned_shards": 0, "undone_rounds": 0, "still_failing": 0}
 
     def on_edit_batch_end(self, module, records: list, results: list) -> None:
@@ -108,7 +61,7 @@ class ErrorFeedback(EditStreamCallback):
             for record in redo:
                 succeeded[id(record)] = module.reedit(record).success
             module.memory.merge_shards(loss_aware=False)
-            module.recalibrate_routing([r for r in records if succeeded[id(r)]])
+            recalibrate_routing(module, [r for r in records if succeeded[id(r)]], module.components.recalibration_margin)
             now = dict(zip(map(id, records), rewrite_correct(module, records)))
             if sum(now.values()) <= sum(correct.values()):
                 module.restore_edits(*before)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from repair_pl.callbacks.base import EditStreamCallback
+from repair_pl.components.base import EditStreamCallback
 
 
 class ClosedLoopFeedback(EditStreamCallback):
@@ -14,29 +14,34 @@ class ClosedLoopFeedback(EditStreamCallback):
     target cross-entropy (``edit_loss``); a NaN/inf in the total loss counts as divergence too.
 
     - Stagnation: while the target is not yet predicted, the loss improved by less than
-      ``stagnation_tol`` (relative) over the last ``window`` steps -> the learning rate is
+      ``stagnation_tol`` (relative) over the last ``stagnation_window`` steps -> the learning rate is
       multiplied by ``lr_up`` (at most ``max_lr_factor`` times the configured one). A loss that
       flattens once the target is reached is convergence, not stagnation.
     - Divergence: the loss is NaN/inf, the gradient is non-finite, or the loss exceeds both
       ``divergence_factor`` x its best value of this edit and the loss the edit started from
       (the normal jitter of SGD with WISE's lr, e.g. 0.01 -> 0.5, is not divergence; a loss
-      worse than before any update is) -> the side memory rolls back to the
+      worse than before any update is) -> the memory rolls back to the
       last good in-memory checkpoint of this edit (the weights at the best loss), the learning
       rate is multiplied by ``lr_down``, and training goes on. A non-finite gradient is zeroed
       before the optimiser can apply it.
     - Failure: after more than ``max_rollbacks`` rollbacks, or when the budget ends without the
-      target predicted correctly, the whole edit is undone (the side memory is bit-identical to
-      before it) and reported as failed.
+      target predicted correctly, the whole edit is undone (the memory is bit-identical to
+      before it) and reported as failed (the latter only with ``undo_unreached``; turn it off
+      for long-form targets that are never fully predicted).
 
     ``counts`` holds the interventions of the whole run (stagnations, rollbacks, failed edits).
     """
 
-    def __init__(self, window: int = 5, stagnation_tol: float = 0.01, lr_up: float = 1.5, max_lr_factor: float = 4.0,
-                 divergence_factor: float = 3.0, lr_down: float = 0.5, max_rollbacks: int = 3,
-                 fail_unconverged: bool = True):
-        self.window, self.stagnation_tol, self.lr_up, self.max_lr_factor = window, stagnation_tol, lr_up, max_lr_factor
-        self.divergence_factor, self.lr_down, self.max_rollbacks = divergence_factor, lr_down, max_rollbacks
-        self.fail_unconverged = fail_unconverged
+    def __init__(self, stagnation_window: int = 5, stagnation_tol: float = 0.01, lr_up: float = 1.5,
+                 max_lr_factor: float = 4.0, divergence_factor: float = 3.0, lr_down: float = 0.5,
+                 max_rollbacks: int = 3, undo_unreached: bool = True):
+        if not isinstance(stagnation_window, int) or stagnation_window < 1:
+            raise ValueError(f"ClosedLoopFeedback.stagnation_window must be a positive integer, got {stagnation_window!r}")
+        self.stagnation_window, self.stagnation_tol, self.lr_up = stagnation_window, stagnation_tol, lr_up
+        self.max_lr_factor, self.divergence_factor, self.lr_down = max_lr_factor, divergence_factor, lr_down
+        self.max_rollbacks, self.undo_unreached = max_rollbacks, undo_unreached
+
+    def bind(self, module) -> None:
         self.counts = {"stagnations": 0, "divergences": 0, "rollbacks": 0, "failed_edits": 0}
         self._reset()
 
@@ -50,10 +55,10 @@ class ClosedLoopFeedback(EditStreamCallback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         # The loss of this step is computed on these weights; by on_train_batch_end the optimiser
         # has already moved them, so a checkpoint taken there would hold the next step's weights.
-        self.step_weights = module.memory.side.detach().clone()
+        self.step_weights = module.memory.trainable.detach().clone()
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        grad = module.memory.side.grad
+        grad = module.memory.trainable.grad
         if grad is None:
             self.grad_finite = None
             return
@@ -81,8 +86,9 @@ class ClosedLoopFeedback(EditStreamCallback):
             self.best, self.good = loss, self.step_weights
         n = len(self.losses)
         reached = module.step_stats.get("target_correct") == 1.0
-        if not reached and n > self.window and n - self.last_stagnation >= self.window:
-            old = self.losses[-self.window - 1]
+        window = self.stagnation_window
+        if not reached and n > window and n - self.last_stagnation >= window:
+            old = self.losses[-window - 1]
             if old > 0 and (old - loss) / old < self.stagnation_tol:
                 self.counts["stagnations"] += 1
                 self.last_stagnation = n
@@ -96,17 +102,17 @@ class ClosedLoopFeedback(EditStreamCallback):
             trainer.should_stop = True
             return
         with torch.no_grad():
-            module.memory.side.copy_(self.good if self.good is not None else module.edit_start_weight)
+            module.memory.trainable.copy_(self.good if self.good is not None else module.memory.edit_start)
         self._scale_lr(trainer, module, self.lr_down)
 
     def _scale_lr(self, trainer, module, factor: float) -> None:
         for group in trainer.optimizers[0].param_groups:
-            limit = module.hparams.lr * self.max_lr_factor
+            limit = group["configured_lr"] * self.max_lr_factor
             group["base_lr"] = min(group["base_lr"] * factor, limit)
         module.apply_lr(trainer)
 
     def on_train_end(self, trainer, module) -> None:
-        if module.edit_failed is None and self.fail_unconverged and module.step_stats.get("target_correct") != 1.0:
+        if module.edit_failed is None and self.undo_unreached and module.step_stats.get("target_correct") != 1.0:
             module.fail_edit("target not reached within the step budget")
         if module.edit_failed is not None:
             self.counts["failed_edits"] += 1

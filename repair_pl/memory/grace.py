@@ -3,8 +3,9 @@
 Keys are inputs of the down projection at a sequence's last prompt token; each key has a
 trainable value (a vector of the layer's output size) and a radius epsilon. A sequence whose
 query (its last prompt token's input) lies within epsilon (L2) of the nearest key gets that
-key's value as the layer output at *every* position (our choice among GRACE's replacement
-rules; it keeps generation with a KV cache simple: the decision is made once from the prompt).
+key's value as the layer output from the prompt's last token on (earlier prompt tokens keep the
+frozen output; our choice among GRACE's replacement rules, which keeps generation with a KV cache
+simple: the decision is made once from the prompt).
 Every other sequence gets the frozen layer's output, bit for bit.
 
 A new edit with key ``h`` and answer ``y`` (GRACE's codebook update):
@@ -17,30 +18,42 @@ A new edit with key ``h`` and answer ``y`` (GRACE's codebook update):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repair_pl.memory.base import EditableLayer
+from repair_pl.memory.batch import prompt_target_batch
 
-class GraceCodebook(nn.Module):
-    """Replaces an ``nn.Linear`` down projection with GRACE's codebook (see the module docstring).
+
+class GraceCodebook(EditableLayer):
+    """GRACE's codebook in place of the down projection (see the module docstring).
 
     Modes: ``"off"`` (the frozen layer), ``"edit"`` (the value being trained, :attr:`value`,
     replaces the output of every row), ``"route"`` (inference: codebook lookup per sequence).
     In "off" and "route" the queries of the last call are kept in :attr:`last_queries`; in
     "route" :attr:`last_scores` holds the distance to the nearest key and :attr:`last_choice`
     the key used (-1: none).
+
+    Args:
+        eps: initial radius of a new key (L2, in the units of the down projection's input).
+        lr: SGD learning rate of the value an edit trains.
+        stop_loss: training a value ends once the prompt's target is fully predicted and the
+            loss is below this (``None``: always the full budget).
     """
 
-    def __init__(self, main: nn.Linear, eps: float = 1.0):
+    def __init__(self, eps: float = 1.0, lr: float = 300.0, stop_loss: float | None = 0.1):
         super().__init__()
-        if main.bias is not None:
-            raise ValueError("GRACE expects a bias-free down projection (Llama-family MLP)")
         if eps <= 0:
-            raise ValueError(f"model.grace_eps must be positive, got {eps}")
-        self.main, self.eps = main, eps
+            raise ValueError(f"GraceCodebook.eps must be positive, got {eps}")
+        if not lr > 0:
+            raise ValueError(f"GraceCodebook.lr must be positive, got {lr!r}")
+        self.eps, self.lr, self.stop_loss = eps, lr, stop_loss
+
+    def attach(self, main: nn.Linear, seed: int = 0) -> None:
+        super().attach(main, seed)
         d_out, d_in = main.weight.shape
         device = main.weight.device
         self.register_buffer("keys", torch.zeros(0, d_in, device=device), persistent=False)
@@ -49,31 +62,50 @@ class GraceCodebook(nn.Module):
         self.labels: list[str] = []  # each key's answer (the split rule compares them)
         self.value = nn.Parameter(torch.zeros(d_out, device=device))  # the value trained by the current edit
         self.editing: int | None = None  # the key whose value is being trained
-        self.mode = "route"
-        self.route_mask: Tensor | None = None
-        self.sticky: Tensor | None = None
-        self._sticky_on = False
-        self.last_scores: Tensor | None = None
-        self.last_choice: Tensor | None = None
         self.last_queries: Tensor | None = None
         self.last_outputs: Tensor | None = None  # the frozen layer's output at the queries
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
-    # ---- interface shared with SideMemory ----------------------------------------------------
-    @contextmanager
-    def routing(self, mask: Tensor | None, sticky: bool = False) -> Iterator[None]:
-        """Take each sequence's query at the last token in ``mask`` (B, T); ``sticky`` keeps the
-        first decision per sequence for later calls (generation with a KV cache)."""
-        self.route_mask, self.sticky, self._sticky_on = mask, None, sticky
-        try:
-            yield
-        finally:
-            self.route_mask, self.sticky, self._sticky_on = None, None, False
+    @property
+    def trainable(self) -> nn.Parameter:
+        return self.value
 
-    def invalidate(self) -> None:
-        """Nothing is cached (kept for interface parity)."""
+    # ---- one edit --------------------------------------------------------------------------
+    def prepare(self, record, module, retry: bool = False) -> dict[str, Any]:
+        return prompt_target_batch(module.tokenizer, [record.prompt], record.target, module.hparams.max_length)
+
+    @torch.no_grad()
+    def begin_edit(self, record, batch: dict[str, Any], module) -> None:
+        """The key is the down projection's input at the prompt's last token (read from the
+        unedited model); its value starts as the frozen output there."""
+        previous, self.mode = self.mode, "off"
+        try:
+            module(batch["input_ids"], batch["attention_mask"], batch["route_mask"])
+        finally:
+            self.mode = previous
+        self.add_edit(self.last_queries[0], record.target, self.last_outputs[0])
+        super().begin_edit(record, batch, module)
+
+    def losses(self, logits: Tensor, labels: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
+        edit_loss = F.cross_entropy(logits.float(), labels)
+        zero = edit_loss.new_zeros(()).detach()
+        correct = (logits.argmax(-1) == labels).all().float()
+        return {"loss": edit_loss, "edit_loss": edit_loss, "routing_loss": zero, "in_scope": zero, "out_scope": zero,
+                "target_correct": correct}
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD([self.value], lr=self.lr)
+        optimizer.param_groups[0].update(base_lr=self.lr, configured_lr=self.lr)
+        return optimizer
+
+    def after_step(self, stats) -> bool:
+        return self.stop_loss is not None and stats["target_correct"] == 1.0 and stats["edit_loss"] < self.stop_loss
+
+    def finish_edit(self, record, batch: dict[str, Any], module, success: bool) -> float:
+        self.end_edit()
+        return super().finish_edit(record, batch, module, success)
 
     # ---- codebook ----------------------------------------------------------------------------
     def _last_positions(self, x: Tensor) -> Tensor:
@@ -132,18 +164,16 @@ class GraceCodebook(nn.Module):
             self.editing = None
 
     @torch.no_grad()
-    def reset(self) -> None:
+    def reset(self, seed: int = 0) -> None:
         """Forget every edit (an empty codebook)."""
         self.keys, self.values = self.keys[:0], self.values[:0]
         self.epsilons, self.labels, self.editing = self.epsilons[:0], [], None
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
-        """Tensors and metadata of the codebook (for :mod:`repair_pl.checkpoint`)."""
         return ({"keys": self.keys, "values": self.values, "epsilons": self.epsilons},
                 {"labels": list(self.labels), "grace_eps": self.eps})
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        """Restore a codebook from :meth:`state`."""
         device = self.keys.device
         self.keys, self.values = tensors["keys"].float().to(device), tensors["values"].float().to(device)
         self.epsilons, self.labels, self.editing = tensors["epsilons"].float().to(device), list(meta["labels"]), None

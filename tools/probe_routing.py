@@ -3,19 +3,20 @@
 setting, then score each chunk's final memory at several routing thresholds (act_ratio only
 changes evaluation, so one edit pass serves every threshold). Loads the model once.
 
-    python scripts/probe_routing.py --n 20 --T 10 --act_ratios 1.0 1.03 1.06 \\
+    python tools/probe_routing.py --n 20 --T 10 --act_ratios 1.0 1.03 1.06 \\
         --setting '{"method": "wise", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}' \\
         --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}'
 
-Each --setting is a JSON object of ``RepairModule`` arguments. Prints, per setting, steps per
+Each --setting is a JSON object of a method and its options (:func:`repair_pl.presets.preset`).
+Records default to ZsRE's dev records (``--start 500``): choose settings there, never on the
+records a number is reported on. Prints, per setting, steps per
 edit, edits whose target was reached, seconds per edit, interventions, and Rel/Gen/Loc per
-act_ratio (means over chunks, as ``scripts/edit.py fit``). This is how configs/zsre.yaml's
-settings were chosen.
+act_ratio (means over chunks, as ``scripts/edit.py fit``).
 
 With ``--edits RUN/edits`` nothing is edited: the saved state of a finished run (one chunk of
 the first ``--n`` records, built with the one --setting) is scored at each act_ratio:
 
-    python scripts/probe_routing.py --n 100 --edits runs/repair_T100/edits --act_ratios 1.03 1.1 \
+    python tools/probe_routing.py --n 100 --edits runs/repair_T100/edits --act_ratios 1.03 1.1 \
         --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5}'
 
 For a REPAIR run edited as one batch this is the run with ``recalibration_margin`` x
@@ -27,10 +28,10 @@ own memory top-1 (edit i was written into memory i // merge_freq).
 
 ``--rescore mean|last`` (with ``--edits``) reads the routing score of the saved memory the other
 way (``score_tokens``), re-measures the threshold at ``recalibration_margin`` x the weakest edit
-as REPAIR's merge does, and prints how the scores of the edit prompts and of the unrelated
-(locality) prompts overlap before scoring. README "Design choices" (last-token routing):
+as REPAIR's merge does (``--margin``), and prints how the scores of the edit prompts and of the unrelated
+(locality) prompts overlap before scoring (docs/design.md, last-token routing):
 
-    python scripts/probe_routing.py --n 100 --edits runs/repair_T100_cluster20/edits --act_ratios 1.03 \
+    python tools/probe_routing.py --n 100 --edits runs/repair_T100_cluster20/edits --act_ratios 1.03 \
         --rescore last --setting '{"method": "repair", "lr": 5.0, "routing_weight": 0.2, "prompt_weight": 0.5,
         "act_ratio": 1.03, "stop_loss": 0.1, "max_lr_factor": 2.0, "cluster_size": 20, "score_tokens": "mean"}'
 """
@@ -47,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from repair_pl.side_memory import SCORE_TOKENS  # noqa: E402
+from repair_pl.memory import SCORE_TOKENS  # noqa: E402
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality")
 
@@ -86,15 +87,17 @@ def score_thresholds(module, records, act_ratios: list[float], reference) -> dic
     return out
 
 
-def rescore(module, records, score_tokens: str) -> dict[str, float]:
+def rescore(module, records, score_tokens: str, margin: float) -> dict[str, float]:
     """Read the routing score of the module's memory as ``score_tokens``, put the threshold at
-    ``recalibration_margin`` x the weakest of ``records`` (REPAIR's recalibration, no floor), and
-    return how edit prompts and unrelated prompts (each record's first locality prompt) overlap."""
+    ``margin`` x the weakest of ``records`` (REPAIR's recalibration, no floor), and return how
+    edit prompts and unrelated prompts (each record's first locality prompt) overlap."""
     from dataclasses import replace
 
+    from repair_pl.components import recalibrate_routing
+
     module.memory.score_tokens = score_tokens
-    module._routing_floor = None
-    module.recalibrate_routing(records)
+    module.routing_floor = None
+    recalibrate_routing(module, records, margin)
     edits = module.in_scope_scores(records)
     unrelated = module.in_scope_scores([replace(r, prompt=r.locality[0][0], target=r.locality[0][1])
                                         for r in records if r.locality])
@@ -131,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/zsre/zsre_edit_1000.json")
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--start", type=int, default=0, help="first record")
+    parser.add_argument("--start", type=int, default=500, help="first record (ZsRE dev records are 500-999)")
     parser.add_argument("--n", type=int, default=20, help="records")
+    parser.add_argument("--routing_path", default=None,
+                        help="routing text for records without their own (data.routing_path, e.g. a train split)")
     parser.add_argument("--T", type=int, default=10, help="edits per lifelong chunk")
     parser.add_argument("--act_ratios", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--setting", action="append", required=True, help="JSON object of RepairModule arguments")
+    parser.add_argument("--setting", action="append", required=True,
+                        help="JSON object: method and options as repair_pl.presets.preset takes them")
+    parser.add_argument("--margin", type=float, default=0.91, help="with --rescore: the recalibration margin")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--edits", default=None, help="score this saved state (a run's edits/ folder) instead of editing")
     parser.add_argument("--rescore", choices=SCORE_TOKENS, default=None,
@@ -152,18 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from repair_pl.data.datamodule import fill_routing_prompts
-    from repair_pl.data.formats import load_records
+    from repair_pl.data import EditDataModule
     from repair_pl.evaluate import evaluate_records
     from repair_pl.models import load_model
     from repair_pl.module import RepairModule
+    from repair_pl.presets import preset
 
     model, tokenizer = load_model(args.model)
-    records = fill_routing_prompts(load_records(args.data)[0][:args.start + args.n])[args.start:]
+    data = EditDataModule(args.data, start=args.start, ds_size=args.n, routing_path=args.routing_path)
+    data.setup()
+    records = data.records
     reference = None
     for setting in settings:
         torch.manual_seed(0)
-        module = RepairModule(model, tokenizer, **setting)
+        module = RepairModule(model, tokenizer, **preset(**setting))
         if reference is None:
             reference = evaluate_records(module.logits_fn(edited=False), tokenizer, records,
                                          batch_size=module.hparams.eval_batch_size,
@@ -174,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.edits}: {len(records)} records, in-scope scores min {min(scores):.2f} "
                   f"median {sorted(scores)[len(scores) // 2]:.2f}, saved min_in_scope {module.memory.min_in_scope:.2f}")
             if args.rescore:
-                overlap = rescore(module, records, args.rescore)
+                overlap = rescore(module, records, args.rescore, args.margin)
                 print(f"score_tokens={args.rescore}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                                                  for k, v in overlap.items()), flush=True)
             if getattr(module.memory, "memories", None):  # WISE-Retrieve: does each edit's prompt find its own memory?
-                per = module.hparams.merge_freq or len(records)
+                per = module.memory.merge_freq or len(records)
                 chosen = retrieved_memories(module, records)
                 own = sum(c == i // per for i, c in enumerate(chosen))
                 counts = {k: chosen.count(k) for k in sorted(set(chosen))}

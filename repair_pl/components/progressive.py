@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from repair_pl.callbacks.base import EditStreamCallback
+from repair_pl.components.base import EditStreamCallback
 
 
 class ProgressiveIntervention(EditStreamCallback):
     """Intervention strength ``s`` starts at 1 and, once the edit loss is below ``threshold``,
     decays by ``decay_factor`` per step, never below ``min_intervention``. ``s`` scales the
-    update size (the learning rate of the side memory): edits that converge fast get lighter
+    update size (the learning rate of the memory): edits that converge fast get lighter
     intervention, hard edits keep full strength.
 
     With ``early_stop`` the fit stops once the edit has converged: every target token of the
@@ -23,13 +23,15 @@ class ProgressiveIntervention(EditStreamCallback):
                  early_stop: bool = True, stop_loss: float | None = None, routing_tolerance: float = float("inf"),
                  plateau_window: int | None = None, plateau_tol: float = 0.05):
         if not 0 < decay_factor <= 1 or not 0 < min_intervention <= 1:
-            raise ValueError("decay_factor and min_intervention must be in (0, 1]")
+            raise ValueError("ProgressiveIntervention.decay_factor and min_intervention must be in (0, 1]")
         if plateau_window is not None and plateau_window < 1:
-            raise ValueError(f"plateau_window must be a positive number of steps or None, got {plateau_window}")
+            raise ValueError(f"ProgressiveIntervention.plateau_window must be a positive number of steps or null, "
+                             f"got {plateau_window}")
         self.decay_factor, self.threshold, self.min_intervention = decay_factor, threshold, min_intervention
-        self.early_stop, self.routing_tolerance = early_stop, routing_tolerance
-        self.stop_loss = threshold if stop_loss is None else stop_loss
+        self.early_stop, self.stop_loss, self.routing_tolerance = early_stop, stop_loss, routing_tolerance
         self.plateau_window, self.plateau_tol = plateau_window, plateau_tol
+
+    def bind(self, module) -> None:
         self.strength = 1.0
         self.history: list[float] = []  # strength per step of the current edit
         self.losses: list[float] = []  # edit loss per step of the current edit
@@ -52,7 +54,8 @@ class ProgressiveIntervention(EditStreamCallback):
     def converged(self, last: dict) -> bool:
         if last["target_correct"] != 1.0 or last["routing_loss"] > self.routing_tolerance:
             return False
-        return last["edit_loss"] < self.stop_loss or self.plateaued()
+        stop_loss = self.threshold if self.stop_loss is None else self.stop_loss
+        return last["edit_loss"] < stop_loss or self.plateaued()
 
     def plateaued(self) -> bool:
         """No step of the last ``plateau_window`` beat the best loss before them by ``plateau_tol``."""

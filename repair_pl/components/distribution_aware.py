@@ -1,0 +1,73 @@
+"""Distribution-aware memory: cluster a batch of edits, one shard per cluster, merge after it."""
+
+from __future__ import annotations
+
+from repair_pl.clustering import cluster_labels, default_clusters, embed_prompts, plan_shards
+from repair_pl.components.base import EditStreamCallback, recalibrate_routing
+
+CLUSTER_METHODS = ("kmeans", "agglomerative")
+
+
+class DistributionAwareMemory(EditStreamCallback):
+    """Before a batch of edits: embed the prompts (hidden states of the frozen model at the
+    edited layer), cluster them, and edit cluster by cluster, one shard per cluster, so that
+    each shard holds semantically similar edits. After the batch: merge its shards into the
+    side memory (TIES by default, the memory's ``merge_method``) and re-measure the routing
+    threshold on the merged memory (:func:`~repair_pl.components.base.recalibrate_routing`).
+
+    Args:
+        cluster_size: edits per cluster (the number of clusters is the batch size / this).
+        n_clusters: a fixed number of clusters instead.
+        cluster_method: ``"kmeans"`` or ``"agglomerative"`` (cosine, average linkage).
+        heterogeneous: deliberately mix clusters across shards (the ablation).
+        disjoint_masks: the batch's shards get non-overlapping masks of ``min(mask_ratio, 1 /
+            n_shards)`` each, so a TIES merge keeps every shard whole (ours).
+        loss_aware_merge: weigh shards by 1 / (their edits' mean final loss + ``merge_eps``);
+            in TIES the weights decide between shards that share an entry, so with disjoint
+            masks they change nothing.
+        merge_eps: see ``loss_aware_merge``.
+    """
+
+    def __init__(self, cluster_size: int = 5, n_clusters: int | None = None, cluster_method: str = "kmeans",
+                 heterogeneous: bool = False, disjoint_masks: bool = True, loss_aware_merge: bool = True,
+                 merge_eps: float = 0.05):
+        if cluster_method not in CLUSTER_METHODS:
+            raise ValueError(f"DistributionAwareMemory.cluster_method must be one of {CLUSTER_METHODS}, "
+                             f"got {cluster_method!r}")
+        if not isinstance(cluster_size, int) or cluster_size < 1:
+            raise ValueError(f"DistributionAwareMemory.cluster_size must be a positive integer, got {cluster_size!r}")
+        self.cluster_size, self.n_clusters, self.cluster_method = cluster_size, n_clusters, cluster_method
+        self.heterogeneous, self.disjoint_masks = heterogeneous, disjoint_masks
+        self.loss_aware_merge, self.merge_eps = loss_aware_merge, merge_eps
+
+    def bind(self, module) -> None:
+        module.memory.disjoint = self.disjoint_masks
+        self.shard_ends: set[int] = set()
+        self.plan: list[list] = []
+        self._done = 0
+
+    def on_edit_batch_start(self, module, records: list) -> list:
+        k = self.n_clusters or default_clusters(len(records), self.cluster_size)
+        embeddings = embed_prompts(module, [r.prompt for r in records])
+        labels = cluster_labels(embeddings, k, self.cluster_method, module.hparams.seed)
+        self.plan = plan_shards(records, labels, self.heterogeneous)
+        module.memory.plan_shards(len(self.plan))
+        ends, total = set(), 0
+        for group in self.plan:
+            total += len(group)
+            ends.add(total)
+        self.shard_ends, self._done = ends, 0
+        module.shard_plan = self.plan
+        return [r for group in self.plan for r in group]
+
+    def on_edit_end(self, module, record, result) -> None:
+        if result.retry:
+            return
+        self._done += 1
+        if self._done in self.shard_ends:
+            module.memory.save_shard()
+
+    def on_edit_batch_end(self, module, records: list, results: list) -> None:
+        module.memory.merge_shards(loss_aware=self.loss_aware_merge, eps=self.merge_eps)
+        recalibrate_routing(module, [r for r, res in zip(records, results) if res.success],
+                            module.components.recalibration_margin)
