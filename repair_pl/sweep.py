@@ -37,6 +37,7 @@ ABLATIONS = {
 COLUMNS = (("rewrite_acc", "Rel"), ("rephrase_acc", "Gen"), ("locality", "Loc"), ("ood_acc", "OOD"),
            ("rewrite_ppl", "PPL"))
 OPTIONAL_COLUMNS = ("ood_acc", "rewrite_ppl")  # only where the data has them (OOD: Temporal)
+EREN_COLUMNS = ("es", "bp", "eq")  # EREN's edit success, behaviour preservation, edit quality (EREN runs only)
 
 
 class SweepError(ValueError):
@@ -125,7 +126,17 @@ def plan(datasets: Sequence[str], methods: Sequence[str], ts: Sequence[int], abl
         raise SweepError(f"unknown ablations {unknown}; choose from {sorted(ABLATIONS)}")
     runs, notes = [], []
     for dataset in datasets:
-        config = find_config(dataset)
+        try:
+            config, weights = find_config(dataset), True
+        except SweepError:
+            if "eren" not in methods or Path(dataset).suffix in (".yaml", ".yml"):
+                raise
+            # a task only EREN runs (FEVER fact-checking): its EREN config gives the records
+            config, weights = find_config(f"eren_{dataset}"), False
+            skipped = [m for m in methods if m != "eren"]
+            skipped += [f"repair ablations ({', '.join(ablations)})"] if ablations else []
+            if skipped:
+                notes.append(f"{dataset}: {', '.join(skipped)} skipped, there is no configs/{dataset}.yaml (EREN only)")
         name = config.stem if Path(dataset).suffix in (".yaml", ".yml") else dataset
         available = dataset_size(config)
         for t in ts:
@@ -138,9 +149,9 @@ def plan(datasets: Sequence[str], methods: Sequence[str], ts: Sequence[int], abl
             if n > available:
                 notes.append(f"{name}: T={t} uses all {available} records (ds_size {n} asked)")
                 n = available
-            variants = [(m, method_args(m)) for m in methods if m != "eren"]
+            variants = [(m, method_args(m)) for m in methods if m != "eren" and weights]
             variants += [(f"repair-no-{a}" if a != "heterogeneous" else "repair-heterogeneous", ABLATIONS[a])
-                         for a in ablations]
+                         for a in ablations if weights]
             runs += [Run(name, config, v, t, n, args) for v, args in variants]
             if "eren" in methods:  # EREN edits no weights: its own config (reader, encoder, prompts)
                 try:
@@ -283,17 +294,20 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
             "Rel / Gen / Loc: rewrite, generalisation and locality token accuracy (higher is better); "
             "OOD: out-of-distribution rephrases (Temporal); PPL: perplexity of the target after the edit "
             "prompt (WISE's Hallucination metric, lower is better); steps and seconds per edit include "
-            "re-edits; failed: edits undone by closed-loop feedback.", ""]
+            "re-edits; failed: edits undone by closed-loop feedback. ES / BP / EQ (EREN runs): edit success, "
+            "behaviour preservation and their harmonic mean, on generated answers (EREN's metrics).", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
         keys = [(k, label) for k, label in COLUMNS
                 if k not in OPTIONAL_COLUMNS or any(k in r["post"] for r in group)]
+        eren = [(k, k.upper()) for k in EREN_COLUMNS if any(k in r for r in group)]  # EREN's own metrics
         text += [f"## {dataset}", "",
-                 "| method | T | n | " + " | ".join(label for _, label in keys) + " | steps/edit | s/edit | failed |",
-                 "|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
+                 "| method | T | n | " + " | ".join(label for _, label in keys + eren)
+                 + " | steps/edit | s/edit | failed |",
+                 "|---|---|---|" + "---|" * len(keys + eren) + "---|---|---|"]
         for r in group:
             text.append(f"| {r['run']} | {r['T']} | {r['n_edits']} | "
-                        + " | ".join(_cell(r["post"].get(k)) for k, _ in keys)
+                        + " | ".join([_cell(r["post"].get(k)) for k, _ in keys] + [_cell(r.get(k)) for k, _ in eren])
                         + f" | {r['steps_per_edit']:.1f} | {r['seconds_per_edit']:.2f} | {r.get('n_failed', 0)} |")
         text.append("")
     if notes:

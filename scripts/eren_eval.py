@@ -9,6 +9,7 @@ Examples::
     python scripts/eren_eval.py --bench-index                                   # retrieval speed at 10k notes
     python scripts/eren_eval.py --bench-notebook                                # add 10k notes (MiniLM) + query
     python scripts/eren_eval.py --analyze runs/eren_cfh --min-score 0.7         # why questions fail
+    python scripts/eren_eval.py --analyze runs/dev --grid --no-extract          # ES/BP/EQ for every gate pair
 
 Defaults come from ``configs/eren_<data>.yaml``; the flags override them. Writes
 ``results.json``, ``summary.json``, ``summary.md`` and the notebook under ``--out`` and prints
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATA = {"cfh": "eren/cfh_filtered.json", "zsre": "zsre/zsre_edit_1000.json"}
+DATA = {"cfh": "eren/cfh_filtered.json", "zsre": "zsre/zsre_edit_1000.json", "fever": "eren/fever_filtered_small.json"}
 
 
 def data_path(name: str) -> str:
@@ -90,25 +91,39 @@ def bench_notebook(n: int = 10_000, k: int = 5, encoder: str | None = None) -> N
           f"own note in top-{k} for {found}/{len(probes)} probes ({torch.get_num_threads()} thread(s))")
 
 
-def analyze(folder: str, min_score: float | None) -> dict:
-    """ES/BP/EQ of a finished run as if run with the retrieval gate ``min_score`` (exact, from
-    its traces) and the share of questions lost at each step."""
+def analyze(folder: str, min_score: float | None, min_relation_score: float | None = None,
+            extract: bool | None = None, grid: bool = False, records: str | None = None) -> dict:
+    """ES/BP/EQ of a finished run as if run with the gates ``min_score`` / ``min_relation_score``
+    (and, with ``extract=False``, without the extractive step), exact from its traces, and the
+    share of questions lost at each step. ``grid``: print ES/BP/EQ for every pair of gate
+    thresholds. ``records``: only the cases whose position in the run is in ``"A-B"``."""
     import json
 
-    from repair_pl.eren.evaluate import failure_breakdown, gate_sweep
+    from repair_pl.eren.evaluate import GATE_THRESHOLDS, RELATION_THRESHOLDS, failure_breakdown, gate_sweep
 
     cases = json.loads((Path(folder) / "results.json").read_text())
+    if records:
+        first, last = (int(x) for x in records.split("-"))
+        cases = cases[first: last + 1]
     rule = json.loads((Path(folder) / "summary.json").read_text()).get("match", "contains")
-    breakdown = failure_breakdown(cases, rule, min_score)
-    if min_score is not None:
-        gated = gate_sweep(cases, [min_score], rule)[f"{min_score:g}"]
-        print(f"with min_score {min_score}: ES {100 * gated['es']:.1f}  BP {100 * gated['bp']:.1f}  "
-              f"EQ {100 * gated['eq']:.1f}")
+    if grid:
+        sweep = gate_sweep(cases, GATE_THRESHOLDS, rule, RELATION_THRESHOLDS, extract)
+        print("min_score/min_relation_score: ES BP EQ")
+        for key, v in sweep.items():
+            print(f"  {key:>9}: {100 * v['es']:.1f} {100 * v['bp']:.1f} {100 * v['eq']:.1f}")
+    breakdown = failure_breakdown(cases, rule, min_score, min_relation_score)
+    gated = gate_sweep(cases, [min_score], rule, [min_relation_score], extract)
+    (scores,) = gated.values()
+    print(f"{len(cases)} records; with min_score {min_score}, min_relation_score {min_relation_score}"
+          f"{', extract off' if extract is False else ''}: ES {100 * scores['es']:.1f}  BP {100 * scores['bp']:.1f}  "
+          f"EQ {100 * scores['eq']:.1f}")
     print(f"in-scope questions not answered with the new answer ({breakdown['n_in_scope']}): " +
           ", ".join(f"{k} {100 * v:.1f}%" for k, v in breakdown["in_scope"].items()))
+    print("extractive step: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in breakdown["extraction"].items()))
     print(f"unrelated questions whose answer changed ({breakdown['n_unrelated']}): " +
-          ", ".join(f"{k} {100 * v:.1f}%" for k, v in breakdown["unrelated"].items()))
-    return breakdown
+          ", ".join(f"{k} {100 * v:.1f}%" for k, v in breakdown["unrelated"].items()) + "; by kind: " +
+          ", ".join(f"{k} {100 * v:.1f}%" for k, v in breakdown["unrelated_changed_by_kind"].items()))
+    return {**breakdown, "scores": scores}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -132,7 +147,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--bench-index", action="store_true", help="only time retrieval at 10k notes")
     parser.add_argument("--analyze", metavar="RUN_DIR", default=None,
-                        help="only break down a finished run's failures (with --min-score: as if gated)")
+                        help="only break down a finished run's failures (with --min-score / --min-relation-score: "
+                             "as if gated)")
+    parser.add_argument("--min-relation-score", type=float, default=None,
+                        help="relation gate (default: the config's; with --analyze: none)")
+    parser.add_argument("--no-extract", action="store_true",
+                        help="with --analyze: as if without the extractive step; else: switch it off")
+    parser.add_argument("--grid", action="store_true", help="with --analyze: ES/BP/EQ for every pair of gate thresholds")
+    parser.add_argument("--records", default=None, metavar="A-B",
+                        help="with --analyze: only the run's cases A to B (positions in the run, inclusive)")
     parser.add_argument("--bench-notebook", action="store_true",
                         help="only time adding 10k notes with the encoder (--encoder) and querying them")
     args = parser.parse_args(argv)
@@ -145,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         bench_index()
         return None
     if args.analyze:
-        return analyze(args.analyze, args.min_score)
+        return analyze(args.analyze, args.min_score, args.min_relation_score, False if args.no_extract else None,
+                       args.grid, args.records)
     if args.bench_notebook:
         bench_notebook(encoder=args.encoder)
         return None
@@ -165,9 +189,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         cfg["T"] = min(cfg["T"], data["ds_size"])
     for key, value in (("model", args.model), ("encoder", args.encoder), ("k", args.k),
                        ("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size),
-                       ("min_score", args.min_score)):
+                       ("min_score", args.min_score), ("min_relation_score", args.min_relation_score)):
         if value is not None:
             model[key] = value
+    if args.no_extract:
+        model["extract"] = False
     for item in args.prompt:
         key, _, value = item.partition("=")
         model.setdefault("prompts", {})[key] = yaml.safe_load(value) if key == "best_last" else value

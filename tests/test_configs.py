@@ -52,3 +52,18 @@ def test_overlay_on_zsre_builds_the_method_it_names(overlay):
     module = build(CONFIGS / "zsre.yaml", overlay)
     assert module.method == yaml.safe_load(overlay.read_text())["model"]["method"]
     assert (module.components is None) == (module.method != "repair")
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("eren_*.yaml")), ids=lambda p: p.stem)
+def test_eren_config_builds_its_editor_and_loads_its_data(config):
+    """EREN's configs go through their own runner: the editor (prompts, gates, k) builds and the
+    records it selects load, with enough of them for its T."""
+    from repair_pl.eren.retrieval import load_encoder
+    from repair_pl.eren.run import build_editor, load_config_records, read_config
+
+    cfg = read_config(config)
+    assert cfg["model"]["method"] == "eren"
+    editor = build_editor(cfg["model"], reader=lambda prompts: ["x"] * len(prompts), encoder=load_encoder("hash:64"))
+    assert editor.k == cfg["model"].get("k", 5) and editor.min_score == cfg["model"].get("min_score")
+    records = load_config_records(cfg["data"])
+    assert records and (cfg.get("T") is None or cfg["T"] <= len(records))

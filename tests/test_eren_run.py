@@ -100,8 +100,57 @@ def test_is_eren_invocation(tmp_path):
     assert is_eren_invocation(["fit", f"--config={REPO / 'configs' / 'eren_zsre.yaml'}"])
     assert not is_eren_invocation(["fit", "--config", str(wise)])
     assert is_eren_invocation(["fit", "--config", str(wise), "--model.method=eren"])
-    assert not is_eren_invocation(["fit", "--config", str(tmp_path / "missing.yaml")])
+    with pytest.warns(UserWarning, match="missing.yaml: cannot read it"):
+        assert not is_eren_invocation(["fit", "--config", str(tmp_path / "missing.yaml")])
     assert not is_eren_invocation(["fit", "--config", str(REPO / "configs" / "zsre.yaml")])
+
+
+BAD_CONFIGS = {"broken.yaml": ("model: {method: eren\n", "not valid YAML"),
+               "list.yaml": ("- model\n- data\n", "expected a mapping of sections"),
+               "section.yaml": ("model: eren\n", "section 'model' must be a mapping")}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_unreadable_config_is_reported(tmp_path, name):
+    """A config the EREN check cannot read is named in a warning (it used to be skipped in
+    silence), and EREN's runner refuses it with an error naming the file."""
+    from repair_pl.eren.run import ConfigError, is_eren_invocation
+
+    text, reason = BAD_CONFIGS[name]
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.warns(UserWarning, match=f"config {path}: {reason}"):
+        assert not is_eren_invocation(["fit", "--config", str(path)])
+    with pytest.raises(ConfigError, match=f"config {path}: {reason}"):
+        main(["fit", "--config", str(path)])
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read it"):
+        main(["fit", "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_method_override_found_despite_a_malformed_argument(tmp_path):
+    """``--model.method eren`` after an argument the override parser rejects still makes the
+    command line EREN's, so EREN's runner reports the bad argument (the parse error used to be
+    swallowed and the command line handed to the weight-editing CLI)."""
+    from repair_pl.eren.run import is_eren_invocation
+
+    wise = tmp_path / "w.yaml"
+    wise.write_text("model:\n  method: wise\n")
+    for tail in (["stray", "--model.method=eren"], ["--model.k", "--model.method", "eren"],
+                 ["--set", "model.method=eren", "stray"]):
+        assert is_eren_invocation(["fit", "--config", str(wise), *tail]), tail
+    with pytest.raises(SystemExit, match="unexpected argument 'stray'"):
+        main(["fit", "--config", str(wise), "stray", "--model.method=eren"])
+
+
+def test_bad_override_names_the_option(tmp_path):
+    from repair_pl.eren.run import ConfigError
+
+    config = tmp_path / "eren.yaml"
+    config.write_text("T: 2\nmodel: {method: eren}\n")
+    with pytest.raises(ConfigError, match=r"option --model.k: value '\[1' is not valid YAML"):
+        main(["--config", str(config), "--model.k", "[1"])
+    with pytest.raises(ConfigError, match="option --T.x: T is a int, not a section"):
+        main(["--config", str(config), "--T.x", "1"])
 
 
 @pytest.mark.parametrize("name", ["eren_cfh.yaml", "eren_zsre.yaml"])
@@ -152,3 +201,7 @@ def test_eval_script_analyze(tmp_path, capsys):
     breakdown = script.main(["--analyze", str(tmp_path / "out"), "--min-score", "1.01"])  # gate shuts everything
     assert breakdown["in_scope"]["gated"] == 1.0 and breakdown["unrelated"]["judged_relevant"] == 0.0
     assert "ES 0.0  BP 100.0" in capsys.readouterr().out
+    ungated = script.main(["--analyze", str(tmp_path / "out"), "--grid", "--records", "1-2"])
+    out = capsys.readouterr().out
+    assert ungated["scores"] == {"es": 1.0, "bp": 1.0, "eq": 1.0} and ungated["n_in_scope"] == 2
+    assert "2 records; with min_score None" in out and "0.7/0.3: 50.0 100.0 66.7" in out

@@ -241,6 +241,33 @@ def test_eren_runs_from_its_own_config_through_the_sweep(tmp_path, monkeypatch, 
     assert summary["n_edits"] == 2
 
 
+def test_a_task_only_eren_runs_goes_through_the_sweep(tmp_path, monkeypatch):
+    """FEVER has configs/eren_fever.yaml but no weight-editing config: the sweep runs EREN on it,
+    notes the other methods as skipped, and the table shows ES / BP / EQ."""
+    import repair_pl.eren.run as eren_run
+    from test_eren_fever import ROWS, VerdictReader
+
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps(ROWS))
+    (tmp_path / "configs").mkdir()
+    prompts = {"read": "Note: {notes}\nClaim: {question}\nVerdict:", "closed_book": "Claim: {question}\nVerdict:",
+               "note": "{text}", "irrelevant": ["impossible to say"]}
+    (tmp_path / "configs" / "eren_facts.yaml").write_text(yaml.safe_dump(
+        {"model": {"method": "eren", "encoder": "hash:256", "k": 1, "match": "verdict", "prompts": prompts},
+         "data": {"path": str(data), "format": "fever"}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(eren_run, "build_reader", lambda cfg: VerdictReader())
+    runs, notes = plan(["facts"], ["wise", "eren"], [2])
+    assert [(r.dataset, r.name, r.T, r.n_records) for r in runs] == [("facts", "eren", 2, 2)]
+    assert notes == ["facts: wise skipped, there is no configs/facts.yaml (EREN only)"]
+    with pytest.raises(SweepError, match="no config for 'facts'"):
+        plan(["facts"], ["wise"], [2])
+    assert run_sweep(runs, tmp_path / "out", notes=notes) == []
+    table = (tmp_path / "out" / "COMPARISON_SUMMARY.md").read_text()
+    assert "| method | T | n | Rel | Gen | Loc | ES | BP | EQ |" in table
+    assert "| eren | 2 | 2 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
+
+
 def test_module_arguments_merge_configs_as_the_cli_does():
     from repair_pl.cli import module_arguments
 

@@ -11,6 +11,13 @@ Formats (``format=`` argument; ``"auto"`` detects from the first record's keys):
   "locality_prompt"?, "locality_ground_truth"?}``.
 - ``cfh``: EREN CounterFact-Hard ``{"edit_statement", "subject_name", "edit_scope": [[q, a], ...],
   "edit_scope_true_ans", "unrelated": {...}, "unrelated_true_ans": {...}}``.
+- ``fever``: EREN FEVER fact-checking ``{"id"?, "edit_statement", "edit_scope": [[claim, "yes"|"no"],
+  ...]}``. The file holds the edits, then as many out-of-scope records (EREN's split): record
+  ``i`` of the first half is an edit whose in-scope claims are its ``edit_scope`` (labels
+  become ``SUPPORTS``/``REFUTES``: does the claim hold given the edit?), and the claims of record
+  ``i + n/2`` are its out-of-scope claims (``meta["unrelated"]["out_of_scope"]``, judged
+  against the unedited model). One record per edit is returned. ``edit_scope_true_ans`` is not
+  read (in EREN's file it does not line up with ``edit_scope`` in 1287 of 2048 records).
 
 Validation: required fields (the prompt and the new answer) must be non-empty strings; an
 optional field given as an empty string counts as absent (WISE Hallucination has 7 records with an
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +137,60 @@ def _cfh(f: _Fields) -> EditRecord:
                             "unrelated_true_ans": {k: list(v or []) for k, v in answers.items()}})
 
 
+def _fever(f: _Fields) -> EditRecord:
+    from repair_pl.eren.verdict import LABELS
+
+    if f.row.get("edit_scope") == []:
+        raise UneditableRecord("edit_scope is empty: the record has no claim to check", f.path, f.index,
+                               "edit_scope")
+    scope = _qa_list(f, "edit_scope", f.row.get("edit_scope"))
+    for number, (_, label) in enumerate(scope):
+        if label.strip().lower() not in LABELS:
+            raise f.error("edit_scope", f"claim {number} has label {label!r}; expected 'yes' or 'no'")
+    claims = [(claim, LABELS[label.strip().lower()]) for claim, label in scope]
+    return EditRecord(prompt=claims[0][0], target=claims[0][1], rephrases=tuple(c for c, _ in claims[1:]),
+                      statement=f.text("edit_statement", True),
+                      case_id=f.row.get("id", f.index) if isinstance(f.row.get("id"), int) else f.index,
+                      meta={"edit_scope": claims, "row": f.index})
+
+
+def pair_fever_halves(records: list[EditRecord], n_rows: int, path: str) -> list[EditRecord]:
+    """The edits of a FEVER file (its first half), each with the claims of the record half a
+    file later as its out-of-scope claims (an edit whose partner was skipped has none)."""
+    if n_rows % 2:
+        raise EditDataError(f"a FEVER file holds its edits, then as many out-of-scope records; "
+                            f"{n_rows} records cannot be split in two halves", path)
+    half = n_rows // 2
+    by_row = {r.meta["row"]: r for r in records}
+    pairs = []
+    for row in range(half):
+        if row in by_row:
+            partner = by_row.get(row + half)
+            claims = [c for c, _ in partner.meta["edit_scope"]] if partner is not None else []
+            edit = by_row[row]
+            pairs.append(replace(edit, meta={**edit.meta, "unrelated": {"out_of_scope": claims},
+                                             "out_of_scope_row": row + half}))
+    return pairs
+
+
 FORMATS: dict[str, Callable[[_Fields], EditRecord]] = {
     "zsre": _zsre, "custom": _zsre, "easyedit": _easyedit, "counterfact": _easyedit,
-    "hallucination": _easyedit, "temporal": _easyedit, "cfh": _cfh,
+    "hallucination": _easyedit, "temporal": _easyedit, "cfh": _cfh, "fever": _fever,
 }
+
+
+def _is_fever(row: _Row) -> bool:
+    """EREN's FEVER rows: edit_scope labels all yes/no, no CounterFact-Hard fields."""
+    scope = row.get("edit_scope")
+    return ("subject_name" not in row and "unrelated" not in row and isinstance(scope, list) and bool(scope)
+            and all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], str)
+                    and p[1].strip().lower() in ("yes", "no") for p in scope))
 
 
 def detect_format(row: _Row) -> str:
     """Guess the format from one record's keys."""
+    if _is_fever(row):
+        return "fever"
     if "edit_statement" in row or "edit_scope" in row:
         return "cfh"
     if "src" in row or "alt" in row:
@@ -233,9 +287,10 @@ def load_records(source: str | Path, format: str = "auto", on_invalid: str = "ra
 
         rows, name = datasets.load_dataset(str(source), split=split).to_list(), str(source)
     try:
-        convert = FORMATS[detect_format(rows[0]) if format == "auto" else format]
+        format = detect_format(rows[0]) if format == "auto" else format
     except EditDataError as err:
         raise EditDataError(str(err).split(": ", 1)[-1], name, 0) from None
+    convert = FORMATS[format]
     records, skipped = [], []
     for index, row in enumerate(rows):
         try:
@@ -244,6 +299,8 @@ def load_records(source: str | Path, format: str = "auto", on_invalid: str = "ra
             if on_invalid == "raise" and not isinstance(err, UneditableRecord):
                 raise
             skipped.append(err)
+    if format == "fever":
+        records = pair_fever_halves(records, len(rows), name)
     if skipped:
         import warnings
 

@@ -13,8 +13,9 @@ from repair_pl.eren.notebook import Note, Notebook, NotebookError
 from repair_pl.eren.reader import CachedReader, HFReader, OpenAIReader, ReaderError, generate_all
 from repair_pl.eren.retrieval import (Encoder, EncoderError, HashEncoder, SentenceEncoder, VectorIndex,
                                       default_encoder_path, load_encoder)
+from repair_pl.eren.verdict import REFUTES, SUPPORTS, parse_verdict
 
 __all__ = ["Answer", "CachedReader", "Encoder", "EncoderError", "ErenEditor", "HFReader", "HashEncoder", "Note",
            "Notebook", "NotebookError", "OpenAIReader", "Prompts", "ReaderError", "SentenceEncoder", "VectorIndex",
            "answer_matches", "default_encoder_path", "evaluate_editor", "generate_all", "load_encoder",
-           "normalize_answer", "record_note", "write_results"]
+           "normalize_answer", "parse_verdict", "record_note", "REFUTES", "SUPPORTS", "write_results"]

@@ -8,6 +8,17 @@ Answering a question (EREN's two-step reading, Chen et al. 2024, Sec. 4):
 3. if the reader takes the way out, answer closed-book: the question alone, exactly as the
    unedited model would see it, so unrelated questions keep their unedited answers.
 
+Two optional steps, not in EREN, help a small reader (both off by default):
+
+- gates before step 2: ``min_score`` sends a question whose best note scores below it
+  closed-book unread; ``min_relation_score`` does the same on the *relation score*, the
+  similarity of question and note with the edit's subject masked out of both
+  (:func:`~repair_pl.eren.extract.mask_subject`; the retrieval score when they do not both
+  name it). A question about the same subject but another relation ("Where did X die?"
+  against "X's mother tongue is English.") scores high on the first and low on the second.
+- ``extract``: an answer that shares no word with the spans the best note adds to the question
+  is replaced by the note's last such span (:func:`~repair_pl.eren.extract.prefer_note_span`).
+
 Prompts are plain ``str.format`` templates (:class:`Prompts`), set from the config.
 """
 
@@ -18,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from repair_pl.data.records import EditRecord
+from repair_pl.eren.extract import mask_subject, mentions, prefer_note_span
 from repair_pl.eren.notebook import Note, Notebook
 from repair_pl.eren.reader import Reader, generate_all
 
@@ -67,7 +79,12 @@ class Answer:
     scores: list[float] = field(default_factory=list)
     read_output: str | None = None
     gated: bool = False
-    """Sent closed-book unread because its best note scored below the editor's ``min_score``."""
+    """Sent closed-book unread by a gate (``min_score`` or ``min_relation_score``)."""
+    relation_score: float | None = None
+    """Similarity of question and best note with the note's subject masked out of both (the
+    retrieval score when they do not both name it; ``None``: no notes)."""
+    extracted: bool = False
+    """The reader's answer was replaced by a span of the note (the ``extract`` step)."""
 
 
 def first_line(text: str) -> str:
@@ -92,14 +109,18 @@ class ErenEditor:
         prompts: the templates.
         min_score: optional retrieval gate (not in EREN, off by default): a question whose best
             note scores below it goes closed-book without step 1 (the reader is not asked).
+        min_relation_score: optional gate on the relation score (see the module docstring);
+            notes without a subject use their retrieval score.
+        extract: replace an answer the best note does not support by the note's last span.
     """
 
     def __init__(self, reader: Reader, notebook: Notebook, k: int = 5, prompts: Prompts | None = None,
-                 min_score: float | None = None):
+                 min_score: float | None = None, min_relation_score: float | None = None, extract: bool = False):
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.reader, self.notebook, self.k = reader, notebook, k
         self.prompts, self.min_score = prompts or Prompts(), min_score
+        self.min_relation_score, self.extract = min_relation_score, extract
 
     def edit(self, record: EditRecord | str) -> Note:
         """Add one edit (a record or a sentence) as a note."""
@@ -108,7 +129,8 @@ class ErenEditor:
     def edit_many(self, records: Sequence[EditRecord | str]) -> list[Note]:
         """Add many edits in one encoder pass."""
         texts = [r if isinstance(r, str) else record_note(r, self.prompts.record_note) for r in records]
-        metas = [{} if isinstance(r, str) else {"case_id": r.case_id} for r in records]
+        metas = [{} if isinstance(r, str) else {"case_id": r.case_id, **({"subject": r.subject} if r.subject else {})}
+                 for r in records]
         return self.notebook.add_many(texts, metas=metas)
 
     def reset(self) -> None:
@@ -128,6 +150,25 @@ class ErenEditor:
         words = " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
         return not words or any(f" {m} " in f" {words} " for m in self.prompts.irrelevant)
 
+    def relation_scores(self, questions: Sequence[str], notes: Sequence[Note]) -> list[float | None]:
+        """Similarity of each question and its note with the note's ``subject`` (meta) masked
+        out of both; ``None`` unless both name the subject (the gate then uses the retrieval
+        score: a question about another subject, or naming it in other words, has nothing to mask)."""
+        todo = [i for i, n in enumerate(notes) if mentions(n.text, n.meta.get("subject", ""))
+                and mentions(questions[i], n.meta["subject"])]
+        out: list[float | None] = [None] * len(notes)
+        if todo:
+            encode = self.notebook.encoder.encode
+            q = encode([mask_subject(questions[i], notes[i].meta["subject"]) for i in todo])
+            n = encode([mask_subject(notes[i].text, notes[i].meta["subject"]) for i in todo])
+            for i, score in zip(todo, (q * n).sum(-1).tolist()):
+                out[i] = float(score)
+        return out
+
+    def _gated(self, answer: Answer) -> bool:
+        return ((self.min_score is not None and answer.scores[0] < self.min_score) or
+                (self.min_relation_score is not None and answer.relation_score < self.min_relation_score))
+
     def answer(self, question: str) -> Answer:
         """Answer one question (see the module docstring)."""
         return self.answer_batch([question])[0]
@@ -136,9 +177,12 @@ class ErenEditor:
         """Answer many questions; each step is one batched reader call."""
         hits = self.notebook.search(list(questions), self.k)
         answers = [Answer("", False, [n for n, _ in row], [s for _, s in row]) for row in hits]
-        for a in answers:  # a gate on the best score; the notes stay in the answer as a trace
-            a.gated = self.min_score is not None and bool(a.scores) and a.scores[0] < self.min_score
-        todo = [i for i, a in enumerate(answers) if a.notes and not a.gated]
+        found = [i for i, a in enumerate(answers) if a.notes]
+        relations = self.relation_scores([questions[i] for i in found], [answers[i].notes[0] for i in found])
+        for i, relation in zip(found, relations):  # the gates; the notes stay in the answer as a trace
+            answers[i].relation_score = relation if relation is not None else answers[i].scores[0]
+            answers[i].gated = self._gated(answers[i])
+        todo = [i for i in found if not answers[i].gated]
         p = self.prompts
         if p.relevance is not None and todo:
             verdicts = generate_all(self.reader, [p.relevance.format(notes=self._notes_text(answers[i].notes),
@@ -150,6 +194,11 @@ class ErenEditor:
             answers[i].read_output = raw
             if not self._says_irrelevant(first_line(raw)):
                 answers[i].text, answers[i].relevant = first_line(raw), True
+                if self.extract:
+                    best = answers[i].notes[0]
+                    answers[i].text = prefer_note_span(answers[i].text, best.text, questions[i],
+                                                       best.meta.get("subject", ""))
+                    answers[i].extracted = answers[i].text != first_line(raw)
         fallback = [i for i, a in enumerate(answers) if not a.relevant]
         for i, text in zip(fallback, self.closed_book([questions[i] for i in fallback])):
             answers[i].text = text

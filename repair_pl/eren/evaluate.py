@@ -20,6 +20,8 @@ when the normalised target occurs as a whole-word span of the normalised answer 
 the default and the reported ES): EREN's Flan-T5 reader emits bare spans, where this equals exact
 match, whereas a chat reader answers in sentences ("His native language is English."). Strict
 normalised exact match (``em``) is recorded next to it (``rewrite_em``, ``es_em``).
+Fact-checking (FEVER) uses ``verdict``: the answer and the label are compared as verdicts
+(:func:`~repair_pl.eren.verdict.parse_verdict`), for ES and for BP alike.
 
 Results use the project's shape (see :mod:`repair_pl.lifelong`): per case ``pre``/``post`` with
 ``rewrite_acc`` (first in-scope question), ``rephrase_acc`` (the rest), ``rewrite_em`` and
@@ -40,10 +42,14 @@ from pathlib import Path
 
 from repair_pl.checkpoint import write_file_atomic
 from repair_pl.data.records import EditRecord
-from repair_pl.eren.editor import ErenEditor
+from repair_pl.eren.editor import ErenEditor, first_line
+from repair_pl.eren.verdict import parse_verdict
 
 GATE_THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 """Retrieval-gate thresholds whose effect every summary reports (see :func:`gate_sweep`)."""
+RELATION_THRESHOLDS = (None, 0.2, 0.25, 0.3, 0.35, 0.4)
+"""Relation-gate thresholds crossed with :data:`GATE_THRESHOLDS` in every summary (``None``: off)."""
+MATCH_RULES = ("contains", "em", "verdict")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -55,14 +61,27 @@ def normalize_answer(text: str) -> str:
 
 
 def answer_matches(output: str, target: str, rule: str = "contains") -> bool:
-    """Whether ``output`` gives ``target``: ``"em"`` (equal after normalisation) or
-    ``"contains"`` (the normalised target is a whole-word span of the normalised output)."""
+    """Whether ``output`` gives ``target``: ``"em"`` (equal after normalisation),
+    ``"contains"`` (the normalised target is a whole-word span of the normalised output) or
+    ``"verdict"`` (both state the same verdict, SUPPORTS or REFUTES)."""
+    if rule == "verdict":
+        verdict = parse_verdict(output)
+        return verdict is not None and verdict == parse_verdict(target)
     out, gold = normalize_answer(output), normalize_answer(target)
     if rule == "em":
         return out == gold
     if rule == "contains":
         return bool(gold) and f" {gold} " in f" {out} "
-    raise ValueError(f"unknown match rule {rule!r}; choose 'contains' or 'em'")
+    raise ValueError(f"unknown match rule {rule!r}; choose one of {', '.join(MATCH_RULES)}")
+
+
+def same_answer(before: str, after: str, rule: str = "contains") -> bool:
+    """Whether an unrelated question's answer is unchanged (Behaviour Preservation): the same
+    verdict under the ``verdict`` rule (also when neither states one), else the same
+    normalised text."""
+    if rule == "verdict":
+        return parse_verdict(before) == parse_verdict(after)
+    return normalize_answer(before) == normalize_answer(after)
 
 
 def record_questions(record: EditRecord, unrelated_per_kind: int | None = None
@@ -110,6 +129,8 @@ def evaluate_editor(editor: ErenEditor, records: Sequence[EditRecord], dataset: 
     slice (its cases, the timing, the reader's new cached answers); called again with the same
     arguments, the evaluation resumes after the last finished slice. Removed at the end.
     """
+    if rule not in MATCH_RULES:
+        raise ValueError(f"unknown match rule {rule!r}; choose one of {', '.join(MATCH_RULES)}")
     T = T or len(records)
     if T > len(records):
         raise ValueError(f"T={T} is larger than the {len(records)} records")
@@ -195,6 +216,7 @@ def _progress_log(path, editor: ErenEditor, records, T, rule, slice_records, dis
                     for r in list(records) + list(distractors)])
     return ProgressLog(path, {"T": T, "rule": rule, "slice_records": slice_records, "n_records": len(records),
                               "unrelated_per_kind": unrelated_per_kind, "k": editor.k, "min_score": editor.min_score,
+                              "min_relation_score": editor.min_relation_score, "extract": editor.extract,
                               "prompts": asdict(editor.prompts), "encoder": editor.notebook.encoder.name,
                               "records_sha256": hashlib.sha256(content.encode()).hexdigest()})
 
@@ -207,7 +229,7 @@ def _case(record: EditRecord, ins, out, pre: list[str], post, rule: str) -> dict
         return [float(answer_matches(a, t, which)) for a, (_, t) in zip(answers, ins)]
 
     pre_in, post_in = pre[:n_in], [a.text for a in post[:n_in]]
-    unchanged = [float(normalize_answer(p) == normalize_answer(a.text)) for p, a in zip(pre[n_in:], post[n_in:])]
+    unchanged = [float(same_answer(p, a.text, rule)) for p, a in zip(pre[n_in:], post[n_in:])]
     by_kind: dict[str, list[float]] = {}
     for (_, kind), same in zip(out, unchanged):
         by_kind.setdefault(f"{kind}_acc", []).append(same)
@@ -221,8 +243,8 @@ def _case(record: EditRecord, ins, out, pre: list[str], post, rule: str) -> dict
     def trace(answer, question: str, **extra) -> dict:
         ids = [n.meta.get("case_id") for n in answer.notes]
         return {"question": question, **extra, "post": answer.text, "relevant": answer.relevant, "gated": answer.gated,
-                "read_output": answer.read_output, "notes": [n.id for n in answer.notes],
-                "scores": list(answer.scores),
+                "read_output": answer.read_output, "extracted": answer.extracted, "notes": [n.id for n in answer.notes],
+                "scores": list(answer.scores), "relation_score": answer.relation_score,
                 "own_note_rank": ids.index(own) + 1 if own in ids else None}
 
     return {
@@ -246,56 +268,93 @@ def _pooled(cases: list[dict], stage: str, metric: str) -> float:
                                              c[stage]["rewrite_acc"] + c[stage]["rephrase_acc"])])
 
 
-def gate_sweep(cases: list[dict], thresholds: Sequence[float], rule: str = "contains") -> dict[str, dict]:
-    """ES/BP/EQ had the editor run with ``min_score=t`` for each ``t``, from ungated traces.
+def _passes(q: dict, min_score: float | None, min_relation_score: float | None) -> bool:
+    """Whether a traced question gets past the gates (and was not gated in its run)."""
+    if q.get("gated", False) or not q["scores"]:
+        return False
+    if min_score is not None and q["scores"][0] < min_score:
+        return False
+    relation = q.get("relation_score")
+    return min_relation_score is None or relation is None or relation >= min_relation_score
 
-    Exact, not an estimate: the gate only sends a question whose best note scores below ``t``
-    closed-book (its ``pre`` answer); every other question is read exactly as it was.
+
+def answer_as_if(q: dict, min_score: float | None = None, min_relation_score: float | None = None,
+                 extract: bool | None = None) -> str:
+    """The answer a traced question would get had the editor run with these gates (the closed-book
+    ``pre`` answer when gated) and, with ``extract=False``, without the extractive step."""
+    if not _passes(q, min_score, min_relation_score):
+        return q["pre"]
+    if extract is False and q.get("extracted"):
+        return first_line(q["read_output"] or "")
+    return q["post"]
+
+
+def gate_sweep(cases: list[dict], thresholds: Sequence[float], rule: str = "contains",
+               relation_thresholds: Sequence[float | None] = (None,), extract: bool | None = None) -> dict[str, dict]:
+    """ES/BP/EQ had the editor run with ``min_score=t`` (and ``min_relation_score=r``) for each
+    pair, from the traces; keys ``"t"`` or ``"t/r"`` (``"-"`` for ``t=None``).
+
+    Exact, not an estimate, for gates at least as tight as the run's own: a gate only sends a
+    question closed-book (its ``pre`` answer); every other question is read exactly as it was.
+    ``extract=False``: as if the extractive step were off (the reader's own answer).
     """
     sweep = {}
     for t in thresholds:
-        def gated(q: dict) -> str:
-            return q["post"] if q["scores"] and q["scores"][0] >= t else q["pre"]
-
-        es = _mean([float(answer_matches(gated(q), q["target"], rule)) for c in cases for q in c["eren"]["in_scope"]])
-        bp = _mean([float(normalize_answer(gated(q)) == normalize_answer(q["pre"]))
-                    for c in cases for q in c["eren"]["unrelated"]])
-        sweep[f"{t:g}"] = {"es": es, "bp": bp, "eq": harmonic_mean(es, bp)}
+        for r in relation_thresholds:
+            es = _mean([float(answer_matches(answer_as_if(q, t, r, extract), q["target"], rule))
+                        for c in cases for q in c["eren"]["in_scope"]])
+            bp = _mean([float(same_answer(q["pre"], answer_as_if(q, t, r, extract), rule))
+                        for c in cases for q in c["eren"]["unrelated"]])
+            key = ("-" if t is None else f"{t:g}") + ("" if r is None else f"/{r:g}")
+            sweep[key] = {"es": es, "bp": bp, "eq": harmonic_mean(es, bp)}
     return sweep
 
 
-def failure_breakdown(cases: list[dict], rule: str = "contains", min_score: float | None = None) -> dict:
-    """Why questions fail, from the traces in ``cases`` (as if run with ``min_score``).
+def failure_breakdown(cases: list[dict], rule: str = "contains", min_score: float | None = None,
+                      min_relation_score: float | None = None) -> dict:
+    """Why questions fail, from the traces in ``cases`` (as if run with these gates).
 
     In scope (the new answer is not given): ``retrieval_miss`` (the record's own note is not
-    among the retrieved ones), ``gated`` (its best score is below ``min_score``), ``judged_irrelevant``
-    (the reader said the notes do not answer it), ``wrong_answer`` (the reader answered from the
-    notes, but not with the new answer). Unrelated (the answer changed): ``gate_passed`` is not
-    counted separately; ``judged_relevant`` (the reader answered from the notes) and
-    ``changed_after_fallback`` (closed-book differed: should not happen, greedy decoding).
-    Shares are of all in-scope / all unrelated questions.
+    among the retrieved ones), ``gated`` (a gate sent it closed-book), ``judged_irrelevant``
+    (the reader said the notes do not answer it), ``wrong_answer`` (answered from the notes,
+    but not with the new answer); ``extraction`` holds the shares the extractive step made
+    right (``fixed``) and wrong (``broke``). Unrelated (the answer changed): ``judged_relevant``
+    (answered from the notes) and ``changed_after_fallback`` (closed-book differed: should not
+    happen, greedy decoding), and the share changed per kind. Shares are of all in-scope /
+    all unrelated questions (per kind: of that kind's questions).
     """
-    def gated(q: dict) -> bool:
-        return q.get("gated", False) or (min_score is not None and (not q["scores"] or q["scores"][0] < min_score))
-
     ins = [q for c in cases for q in c["eren"]["in_scope"]]
     outs = [q for c in cases for q in c["eren"]["unrelated"]]
     miss = {"retrieval_miss": 0, "gated": 0, "judged_irrelevant": 0, "wrong_answer": 0}
+    extraction = {"fixed": 0, "broke": 0}
     for q in ins:
-        answer = q["pre"] if gated(q) else q["post"]
-        if answer_matches(answer, q["target"], rule):
+        answer = answer_as_if(q, min_score, min_relation_score)
+        hit = answer_matches(answer, q["target"], rule)
+        if q.get("extracted") and _passes(q, min_score, min_relation_score):
+            own = answer_matches(answer_as_if(q, min_score, min_relation_score, extract=False), q["target"], rule)
+            extraction["fixed"] += hit and not own
+            extraction["broke"] += own and not hit
+        if hit:
             continue
-        key = ("retrieval_miss" if q["own_note_rank"] is None else "gated" if gated(q) else
+        key = ("retrieval_miss" if q["own_note_rank"] is None else
+               "gated" if not _passes(q, min_score, min_relation_score) else
                "wrong_answer" if q["relevant"] else "judged_irrelevant")
         miss[key] += 1
     changed = {"judged_relevant": 0, "changed_after_fallback": 0}
+    by_kind: dict[str, list[float]] = {}
     for q in outs:
-        answer = q["pre"] if gated(q) else q["post"]
-        if normalize_answer(answer) != normalize_answer(q["pre"]):
-            changed["judged_relevant" if q["relevant"] else "changed_after_fallback"] += 1
+        answer = answer_as_if(q, min_score, min_relation_score)
+        moved = not same_answer(q["pre"], answer, rule)
+        by_kind.setdefault(q.get("kind", "loc"), []).append(float(moved))
+        if moved:
+            relevant = q["relevant"] and _passes(q, min_score, min_relation_score)
+            changed["judged_relevant" if relevant else "changed_after_fallback"] += 1
     return {"in_scope": {k: v / max(len(ins), 1) for k, v in miss.items()},
             "unrelated": {k: v / max(len(outs), 1) for k, v in changed.items()},
-            "n_in_scope": len(ins), "n_unrelated": len(outs), "min_score": min_score}
+            "extraction": {k: v / max(len(ins), 1) for k, v in extraction.items()},
+            "unrelated_changed_by_kind": {k: _mean(v) for k, v in sorted(by_kind.items())},
+            "n_in_scope": len(ins), "n_unrelated": len(outs), "min_score": min_score,
+            "min_relation_score": min_relation_score}
 
 
 def _summary(cases: list[dict], dataset: str, T: int, rule: str, timing: dict, diag: dict) -> dict:
@@ -314,7 +373,7 @@ def _summary(cases: list[dict], dataset: str, T: int, rule: str, timing: dict, d
         "retrieval_recall": _mean([float(x) for x in diag["recall"]]),
         "relevant_rate_in_scope": _mean([float(x) for x in diag["relevant_in"]]),
         "relevant_rate_unrelated": _mean([float(x) for x in diag["relevant_out"]]),
-        "gate_sweep": gate_sweep(cases, GATE_THRESHOLDS, rule),
+        "gate_sweep": gate_sweep(cases, GATE_THRESHOLDS, rule, RELATION_THRESHOLDS),
         "failures": failure_breakdown(cases, rule),
         "n_queries": timing["n_post"],
         "seconds_per_edit": timing["edit"] / max(n, 1),

@@ -11,10 +11,14 @@ Config shape (see ``configs/eren_cfh.yaml``)::
       encoder: null             # null: all-MiniLM-L6-v2; or a model folder, or "hash"
       k: 5
       min_score: null
+      min_relation_score: null  # gate on the subject-masked score (see repair_pl.eren.editor)
+      extract: false            # prefer a span of the note over an answer it does not support
       max_new_tokens: 12
+      stop: []                  # strings that end an answer, e.g. ["\n"]
+      chat: null                # apply the tokenizer's chat template (null: when it has one)
       batch_size: 8
       prompts: {read: ..., closed_book: ..., note: ..., best_last: false, ...}
-      match: contains           # contains | em
+      match: contains           # contains | em | verdict
     data: {path: ..., format: auto, ds_size: 200, offset: 0, unrelated_per_kind: null}
     trainer: {default_root_dir: runs/eren_cfh}
 """
@@ -30,6 +34,10 @@ from repair_pl.eren.reader import CachedReader, HFReader, OpenAIReader
 from repair_pl.eren.retrieval import load_encoder
 
 
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file."""
+
+
 def build_reader(model_cfg: dict):
     """The reader a ``model:`` section asks for, wrapped in a :class:`CachedReader`."""
     kind = model_cfg.get("reader", "hf")
@@ -39,7 +47,8 @@ def build_reader(model_cfg: dict):
             raise ValueError("model.openai needs base_url and model for reader: openai")
         key_env = api.pop("api_key_env", "OPENAI_API_KEY")
         return CachedReader(OpenAIReader(api.pop("base_url"), api.pop("model"), api_key=os.environ.get(key_env),
-                                         max_tokens=model_cfg.get("max_new_tokens", 12), **api))
+                                         max_tokens=model_cfg.get("max_new_tokens", 12),
+                                         stop=model_cfg.get("stop") or (), **api))
     if kind != "hf":
         raise ValueError(f"model.reader must be 'hf' or 'openai', got {kind!r}")
     from repair_pl.models import load_model
@@ -48,7 +57,7 @@ def build_reader(model_cfg: dict):
                                   device=model_cfg.get("device", "cpu"))
     return CachedReader(HFReader(model, tokenizer, max_new_tokens=model_cfg.get("max_new_tokens", 12),
                                  batch_size=model_cfg.get("batch_size", 8), chat=model_cfg.get("chat"),
-                                 system=model_cfg.get("system")))
+                                 system=model_cfg.get("system"), stop=model_cfg.get("stop") or ()))
 
 
 def build_editor(model_cfg: dict, reader=None, encoder=None) -> ErenEditor:
@@ -61,7 +70,8 @@ def build_editor(model_cfg: dict, reader=None, encoder=None) -> ErenEditor:
         raise ValueError(f"unknown model.prompts keys {sorted(unknown)}; known: {sorted(Prompts.__dataclass_fields__)}")
     encoder = encoder or load_encoder(model_cfg.get("encoder"), device=model_cfg.get("device", "cpu"))
     return ErenEditor(reader or build_reader(model_cfg), Notebook(encoder), k=model_cfg.get("k", 5),
-                      prompts=Prompts(**prompts), min_score=model_cfg.get("min_score"))
+                      prompts=Prompts(**prompts), min_score=model_cfg.get("min_score"),
+                      min_relation_score=model_cfg.get("min_relation_score"), extract=bool(model_cfg.get("extract")))
 
 
 def load_config_records(data_cfg: dict):
@@ -143,28 +153,60 @@ def _overrides(argv: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def read_config(path: str | Path) -> dict:
+    """One YAML config file as a mapping; :class:`ConfigError` naming the file otherwise."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"config {path}: cannot read it ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {path}: expected a mapping of sections (model:, data:, ...), "
+                          f"got a {type(cfg).__name__}")
+    for section in ("model", "data", "trainer"):
+        if cfg.get(section) is not None and not isinstance(cfg[section], dict):
+            raise ConfigError(f"config {path}: section {section!r} must be a mapping, "
+                              f"got {type(cfg[section]).__name__}")
+    return cfg
+
+
+def _method_overrides(argv: list[str]) -> list[str]:
+    """Every ``model.method`` an override on the command line sets, found token by token (so a
+    malformed argument elsewhere, which :func:`main` reports, cannot hide it)."""
+    methods = []
+    for i, arg in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--model.method" and nxt is not None:
+            methods.append(nxt)
+        elif arg.startswith("--model.method="):
+            methods.append(arg.split("=", 1)[1])
+        elif arg == "--set" and nxt is not None and nxt.startswith("model.method="):
+            methods.append(nxt.split("=", 1)[1])
+    return methods
+
+
 def is_eren_invocation(argv: list[str]) -> bool:
     """Whether a command line (``[fit] --config X.yaml ...``) asks for ``model.method: eren``;
-    the project's CLI sends such command lines to :func:`main`."""
-    import yaml
+    the project's CLI sends such command lines to :func:`main`.
+
+    A config that cannot be read is reported with a warning naming it (it is then not
+    consulted; the runner that takes the command line fails on it with its own message)."""
+    import warnings
 
     method = None
     for path in _config_paths(argv):
         try:
-            method = ((yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}).get("method", method)
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue
-    for key, value in _overrides_quiet(argv):
-        if key == "model.method":
-            method = value
+            method = (read_config(path).get("model") or {}).get("method", method)
+        except ConfigError as err:
+            warnings.warn(f"{err}; not consulted for model.method", stacklevel=2)
+    for value in _method_overrides(argv):
+        method = value
     return method == "eren"
-
-
-def _overrides_quiet(argv: list[str]) -> list[tuple[str, str]]:
-    try:
-        return _overrides(argv)
-    except SystemExit:
-        return []
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -186,14 +228,21 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("EREN needs --config FILE.yaml (see configs/eren_cfh.yaml)")
     cfg: dict = {}
     for path in paths:
-        for key, value in (yaml.safe_load(Path(path).read_text()) or {}).items():
+        for key, value in read_config(path).items():
             cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     for key, value in _overrides(argv):
         node = cfg
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"option --{key}: {'.'.join(parents[:depth + 1])} is a "
+                                  f"{type(node).__name__}, not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"option --{key}: value {value!r} is not valid YAML "
+                              f"({' '.join(str(err).split())})") from None
     summary = run_config(cfg)
     print(f"ES {summary['es']:.4f}  BP {summary['bp']:.4f}  EQ {summary['eq']:.4f}  "
           f"seconds/query {summary['seconds_per_query']:.3f}", flush=True)
