@@ -95,34 +95,9 @@ def test_print_config():
 
 
 def test_generation_is_on_for_zsre_and_the_demo_and_off_by_default():
-    assert printed_config("configs/zsre.yaml", "configs/wise_t10.yaml")["generation"] is True
+    assert printed_config("configs/zsre.yaml", "configs/methods/wise.yaml")["generation"] is True
     assert printed_config("configs/demo.yaml")["generation"] is True
     assert printed_config("configs/counterfact.yaml")["generation"] is False
-
-
-def zsre_model_config() -> dict:
-    return yaml.safe_load((ROOT / "configs" / "zsre.yaml").read_text())["model"]
-
-
-def zsre_memory_args() -> dict:
-    return zsre_model_config()["memory"]["init_args"]
-
-
-def test_wise_t10_overlay_sets_wise_with_the_last_token_score():
-    config = printed_config("configs/zsre.yaml", "configs/wise_t10.yaml")
-    memory = config["model"]["memory"]["init_args"]
-    assert config["model"]["method"] == "wise" and config["model"]["components"] is None
-    assert memory["score_tokens"] == "last" and config["T"] == 10
-    assert memory["act_ratio"] == zsre_memory_args()["act_ratio"]  # the rest of zsre.yaml's memory still applies
-
-
-def test_wise_t100_overlay_sets_wise_and_its_t100_settings():
-    config = printed_config("configs/zsre.yaml", "configs/wise_t100.yaml")
-    model, memory = config["model"], config["model"]["memory"]["init_args"]
-    assert model["method"] == "wise" and memory["score_tokens"] == "last" and memory["merge_method"] == "linear"
-    assert memory["save_freq"] == memory["merge_freq"] and model["max_steps"] < 70 and memory["act_ratio"] > 1.03
-    assert memory["routing_weight"] > zsre_memory_args()["routing_weight"]  # the overlay's weight
-    assert config["T"] == 100 and memory["lr"] == zsre_memory_args()["lr"]  # the rest of zsre.yaml still applies
 
 
 @pytest.mark.parametrize("method", ["wise", "ft_l", "ft_m", "grace", "none"])

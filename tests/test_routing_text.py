@@ -41,8 +41,7 @@ def data_sections() -> list:
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = yaml.safe_load(config.read_text()) or {}
         data = cfg.get("data") or {}
-        # Overlays (wise_t10.yaml, wise_t100.yaml) name no edit file: they narrow zsre.yaml's
-        # records, which the zsre and llama3 cases cover whole.
+        # Configs without an edit file (W&B, sweep settings) select no records.
         if "path" not in data:
             continue
         # EREN edits by writing notes and trains nothing: it has no routing text to check.
