@@ -2,11 +2,6 @@
 reported, config errors named, bad input on the record -> tokens path."""
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +13,7 @@ from hypothesis import strategies as st
 
 from repair_pl.data import EditDataError, EditRecord
 from repair_pl.evaluate import encode_pairs
+from repair_pl.interrupt import kill_and_resume, output_differences, run_outputs, without_wall_time
 from repair_pl.lifelong import run_lifelong
 from repair_pl.module import RepairModule
 from repair_pl.testing import char_tokenizer, tiny_editor, tiny_llama
@@ -57,35 +53,8 @@ def run(out: Path, options: dict, T=4, checkpoint_every=2, die_at_edit: int | No
     return run_lifelong(module, RECORDS, out, T=T, progress=False, checkpoint_every=checkpoint_every)
 
 
-def without_wall_time(obj):
-    """Drop wall-time fields, which legitimately differ between runs."""
-    if isinstance(obj, dict):
-        return {k: without_wall_time(v) for k, v in obj.items() if k not in ("seconds", "seconds_per_edit")}
-    if isinstance(obj, list):
-        return [without_wall_time(v) for v in obj]
-    return obj
-
-
-def outputs(folder: Path) -> tuple[str, str, dict, dict]:
-    """results.json and summary.json without wall time (as canonical JSON text, so NaN == NaN),
-    and the saved final edited state."""
-    from repair_pl.checkpoint import read_state
-
-    results = json.dumps(without_wall_time(json.loads((folder / "results.json").read_text())), sort_keys=True)
-    summary = json.dumps(without_wall_time(json.loads((folder / "summary.json").read_text())), sort_keys=True)
-    tensors, meta = read_state(folder / "edits")
-    return results, summary, tensors, meta
-
-
 def assert_same_outputs(a: Path, b: Path) -> None:
-    results_a, summary_a, tensors_a, meta_a = outputs(a)
-    results_b, summary_b, tensors_b, meta_b = outputs(b)
-    assert summary_a == summary_b
-    assert results_a == results_b
-    assert meta_a == meta_b
-    assert tensors_a.keys() == tensors_b.keys()
-    for key in tensors_a:
-        assert torch.equal(tensors_a[key], tensors_b[key]), key  # bit for bit
+    assert output_differences(a, b) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +187,7 @@ def test_same_config_and_seed_give_identical_runs(tmp_path):
     assert_same_outputs(tmp_path / "a", tmp_path / "b")
     other = {**WISE, "seed": 1}  # the seed matters: other masks, so other weights
     run(tmp_path / "c", other, checkpoint_every=None)
-    seed0, seed1 = outputs(tmp_path / "a")[2], outputs(tmp_path / "c")[2]
+    seed0, seed1 = run_outputs(tmp_path / "a")[2], run_outputs(tmp_path / "c")[2]
     assert not torch.equal(seed0["mask"], seed1["mask"]) and not torch.equal(seed0["shard.0"], seed1["shard.0"])
 
 
@@ -396,67 +365,8 @@ TINY_CLI = ["--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "t
             "--trainer.logger", "false"]
 
 
-class CliRun:
-    """The CLI in a subprocess, stdout in a file."""
-
-    def __init__(self, args: list[str], log: Path):
-        self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "edit.py"), "fit", *args], cwd=ROOT,
-                                         stdout=f, stderr=subprocess.STDOUT, env=env)
-        self.started = time.time()
-
-    def wait_for(self, ready, timeout: float) -> bool:
-        """Wait until ``ready()``; False if the run ended first."""
-        while time.time() - self.started < timeout:
-            if ready():
-                return True
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(0.02)
-        raise TimeoutError(self.log.read_text()[-2000:])
-
-    def finish(self, timeout: float) -> str:
-        assert self.proc.wait(timeout) == 0, self.log.read_text()[-3000:]
-        return self.log.read_text()
-
-
-def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, timeout: float,
-                    max_delay: float = 0.3) -> list[str]:
-    """Run the command to the end in this process (the reference), then in subprocesses into
-    ``folder/resumed``, SIGKILLed once per entry of ``kills`` at a seeded random moment (up to
-    ``max_delay`` x the reference run's time) after editing began (``"editing"``) or after this
-    process wrote a checkpoint (``"checkpoint"``), then once more to the end. Returns the
-    subprocesses' logs."""
-    from repair_pl.cli import main
-
-    began = time.monotonic()
-    main(["fit", *args, "--trainer.default_root_dir", str(folder / "whole")])
-    span = time.monotonic() - began
-    rng, logs = random.Random(seed), []
-    out = folder / "resumed"
-    progress = out / "checkpoint" / "progress.json"
-    for k, moment in enumerate(kills):
-        attempt = CliRun([*args, "--trainer.default_root_dir", str(out)], folder / f"killed{k}.log")
-        if moment == "editing":
-            ready = lambda: "pre-edit:" in attempt.log.read_text()  # noqa: E731
-        else:
-            ready = lambda: progress.is_file() and progress.stat().st_mtime > attempt.started  # noqa: E731
-        if attempt.wait_for(ready, timeout):
-            time.sleep(rng.uniform(0.0, max_delay) * span)
-        if attempt.proc.poll() is not None:  # it ended before the kill: nothing left to resume
-            logs.append(attempt.finish(timeout))
-            return logs
-        attempt.proc.send_signal(signal.SIGKILL)
-        attempt.proc.wait()
-        logs.append(attempt.log.read_text())
-    logs.append(CliRun([*args, "--trainer.default_root_dir", str(out)], folder / "last.log").finish(timeout))
-    return logs
-
-
 def test_sigkill_at_random_moments_then_rerun_ends_bit_identical(tmp_path):
-    logs = kill_and_resume(TINY_CLI, tmp_path, kills=["editing", "checkpoint"], seed=7, timeout=120)
+    logs = kill_and_resume(TINY_CLI, tmp_path, kills=["editing", "checkpoint"], seed=7, timeout=120).logs
     assert "summary:" not in logs[0] and "resuming from" in logs[-1]
     assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "checkpoint").exists()
@@ -470,7 +380,7 @@ def test_sigkill_and_resume_on_smollm2(tmp_path):
             "--data.ds_size", "4", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false"]
     # the reference run's time is mostly loading and evaluation: kill soon after the first checkpoint
-    logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300, max_delay=0.05)
+    logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300, max_delay=0.05).logs
     assert "summary:" not in logs[0] and "resuming from" in logs[-1]
     assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
 
