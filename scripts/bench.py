@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -115,6 +116,12 @@ def device_info(device: str, dtype: str) -> dict:
     except (OSError, StopIteration):
         pass
     info["cpu"], info["cpu_cores"] = cpu, os.cpu_count()
+    info["date"] = time.strftime("%Y-%m-%d")
+    try:  # the code measured
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
     return info
 
 
@@ -485,7 +492,7 @@ def markdown(result: dict) -> str:
     where = d.get("gpu") or f"{d['cpu']} ({d['cpu_cores']} cores, {d['threads']} threads)"
     lines = [f"# Speed bench: {result['model']}", "",
              f"{where}; torch {d['torch']}; frozen weights {d['dtype']}, side memory float32; "
-             f"command: `{result['command']}`", ""]
+             f"{d.get('date')}, commit {d.get('commit')}; command: `{result['command']}`", ""]
     parts = {"1": _md_overhead,
              "2": lambda r: _md_streams("## 2. REPAIR vs WISE (and cost analysis)", r["methods"], r["settings"]),
              "3": _md_latency, "4": _md_memory,
