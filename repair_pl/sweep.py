@@ -281,7 +281,10 @@ def collect(out: Path, order: Sequence[str] = ()) -> list[dict]:
     return sorted(rows, key=lambda r: (r["dataset"], rank.get(r["run"], len(rank)), r["run"], r["T"]))
 
 
-def _cell(value) -> str:
+def _cell(value, spread: dict | None = None) -> str:
+    """A number; with ``spread`` (a run over several chunks) the mean over chunks +- their std."""
+    if spread is not None:
+        return f"{_cell(spread['mean'])} ± {_cell(spread['std'])}"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
@@ -295,7 +298,8 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
             "OOD: out-of-distribution rephrases (Temporal); PPL: perplexity of the target after the edit "
             "prompt (WISE's Hallucination metric, lower is better); steps and seconds per edit include "
             "re-edits; failed: edits undone by closed-loop feedback. ES / BP / EQ (EREN runs): edit success, "
-            "behaviour preservation and their harmonic mean, on generated answers (EREN's metrics).", ""]
+            "behaviour preservation and their harmonic mean, on generated answers (EREN's metrics). "
+            "A run of several chunks (n > T) shows the mean of its chunks' means ± their standard deviation.", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
         keys = [(k, label) for k, label in COLUMNS
@@ -307,7 +311,8 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
                  "|---|---|---|" + "---|" * len(keys + eren) + "---|---|---|"]
         for r in group:
             text.append(f"| {r['run']} | {r['T']} | {r['n_edits']} | "
-                        + " | ".join([_cell(r["post"].get(k)) for k, _ in keys] + [_cell(r.get(k)) for k, _ in eren])
+                        + " | ".join([_cell(r["post"].get(k), (r.get("chunk_spread") or {}).get(k)) for k, _ in keys]
+                                     + [_cell(r.get(k)) for k, _ in eren])
                         + f" | {r['steps_per_edit']:.1f} | {r['seconds_per_edit']:.2f} | {r.get('n_failed', 0)} |")
         text.append("")
     if notes:

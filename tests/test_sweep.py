@@ -86,6 +86,13 @@ def test_table_has_one_section_per_dataset_and_ood_only_where_measured(tmp_path)
     assert "T=100 skipped" in text.split("## Not run")[1]
 
 
+def test_a_run_over_several_chunks_shows_the_mean_and_std_over_chunks():
+    row = {**summary("repair", 10, 0.9, 1.0), "n_edits": 30, "dataset": "zsre", "run": "repair",
+           "chunk_spread": {"rewrite_acc": {"mean": 0.88, "std": 0.05, "min": 0.8, "max": 0.95}}}
+    text = comparison_table([row])
+    assert "| repair | 10 | 30 | 0.880 ± 0.050 | 0.450 | 1.000 |" in text  # columns without a spread: the mean
+
+
 def test_plots_are_written_next_to_the_summary(tmp_path):
     pytest.importorskip("matplotlib")
     from repair_pl.plots import plot_sweep
