@@ -185,7 +185,11 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                "failed_case_ids": failed, "interventions": module.intervention_counts(),
                "skipped_records": [str(err) for err in skipped or []], **chunk_spread(results, T)}
     if state["blocks"]:
-        summary["blocks"] = state["blocks"]
+        # what came after the last full block: its edits, and re-edits, merges and re-checks that a
+        # batch runs after its edits (REPAIR's error feedback), so the blocks add up to the total
+        last = state["blocks"][-1]["edits"]
+        rest = seconds - sum(b["seconds_per_edit"] * BLOCK for b in state["blocks"])
+        summary["blocks"] = state["blocks"] + [{"edits": n, "rest_after": last, "seconds": rest}]
     if generation is not None:
         summary["generation"] = generation_summary(tok, generation)
     _report("post-edit", summary["post"])
@@ -204,7 +208,8 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
 
 
 BLOCK = 100
-"""Edits per block of a long run's timeline (``summary["blocks"]``)."""
+"""Edits per block of a long run's timeline (``summary["blocks"]``: per block of ``BLOCK`` edits,
+wall seconds per edit and peak RSS; a last entry holds the seconds after the last full block)."""
 
 
 def _note_block(state: dict) -> None:
