@@ -64,8 +64,9 @@ class Kill:
 class KillReport:
     kills: list[Kill] = field(default_factory=list)
     logs: list[str] = field(default_factory=list)
-    reference_seconds: float = 0.0
-    ended_early: bool = False  # an attempt finished before its kill came
+    reference_seconds: float = 0.0  # the uninterrupted run, start to end
+    editing_seconds: float = 0.0  # its editing alone (what a kill's delay is a fraction of)
+    ended_early: str | None = None  # why an attempt finished before its kill came
 
 
 def checkpoint_position(out: Path) -> tuple[int | None, int | None]:
@@ -81,7 +82,7 @@ def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, 
                     max_delay: float = 0.3) -> KillReport:
     """Run ``edit.py fit ARGS`` to the end into ``folder/whole`` (the reference), then into
     ``folder/resumed``, SIGKILLed once per entry of
-    ``kills`` at a seeded random moment, up to ``max_delay`` x the reference's time, after editing
+    ``kills`` at a seeded random moment, up to ``max_delay`` x the reference's editing time, after editing
     began (``"editing"``) or after the attempt wrote a checkpoint (``"checkpoint"``, so that every
     attempt makes progress), then once more to the end."""
     folder = Path(folder)
@@ -90,6 +91,8 @@ def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, 
     began = time.monotonic()
     CliRun([*args, "--trainer.default_root_dir", str(folder / "whole")], folder / "whole.log").finish(timeout)
     report.reference_seconds = time.monotonic() - began
+    summary = json.loads((folder / "whole" / "summary.json").read_text())
+    report.editing_seconds = summary["seconds_per_edit"] * summary["n_edits"]
     rng = random.Random(seed)
     out = folder / "resumed"
     progress = out / "checkpoint" / "progress.json"
@@ -101,11 +104,18 @@ def kill_and_resume(args: list[str], folder: Path, kills: list[str], seed: int, 
             ready = lambda: progress.is_file() and progress.stat().st_mtime > attempt.started  # noqa: E731
         else:
             raise ValueError(f"kill moment must be 'editing' or 'checkpoint', got {moment!r}")
-        if attempt.wait_for(ready, timeout):
-            time.sleep(rng.uniform(0.0, max_delay) * report.reference_seconds)
+        fired = attempt.wait_for(ready, timeout)
+        if fired:
+            time.sleep(rng.uniform(0.0, max_delay) * report.editing_seconds)
         if attempt.proc.poll() is not None:  # it ended before the kill: nothing left to resume
             report.logs.append(attempt.finish(timeout))
-            report.ended_early = True
+            if fired:
+                report.ended_early = f"attempt {k + 1} ended during the delay before its kill (lower max_delay)"
+            elif moment == "checkpoint":  # REPAIR checkpoints between batches only
+                report.ended_early = (f"attempt {k + 1} wrote no checkpoint before it ended (one REPAIR batch "
+                                      "per chunk? set components.edit_batch_size)")
+            else:
+                report.ended_early = f"attempt {k + 1} ended before editing began"
             return report
         attempt.proc.send_signal(signal.SIGKILL)
         attempt.proc.wait()

@@ -379,8 +379,7 @@ def test_sigkill_and_resume_on_smollm2(tmp_path):
             "--model.memory.n_prefixes", "1", "--model.max_steps", "6",
             "--data.ds_size", "4", "--checkpoint_every", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false"]
-    # the reference run's time is mostly loading and evaluation: kill soon after the first checkpoint
-    logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300, max_delay=0.05).logs
+    logs = kill_and_resume(args, tmp_path, kills=["checkpoint"], seed=3, timeout=300, max_delay=0.3).logs
     assert "summary:" not in logs[0] and "resuming from" in logs[-1]
     assert_same_outputs(tmp_path / "whole", tmp_path / "resumed")
 

@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_delay", type=float, default=0.1,
-                        help="a kill comes up to this fraction of the uninterrupted run's time after a checkpoint")
+                        help="a kill comes up to this fraction of the uninterrupted run's editing time after a checkpoint")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds for any one attempt")
     parser.add_argument("--out", default="runs/kill_resume")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the arguments of edit.py fit")
@@ -34,11 +34,11 @@ def main() -> int:
     report = kill_and_resume(args + ["--trainer.enable_progress_bar", "false"], out, kills=["checkpoint"] * opts.kills,
                              seed=opts.seed, timeout=opts.timeout, max_delay=opts.max_delay)
     lines = ["# Kill and resume", "", "`edit.py fit " + " ".join(args) + "`", "",
-             f"uninterrupted run: {report.reference_seconds:.0f} s", "",
+             f"uninterrupted run: {report.reference_seconds:.0f} s, of which editing {report.editing_seconds:.0f} s", "",
              "| kill | seconds into the attempt | last checkpoint (chunk, position) |", "|---|---|---|"]
     lines += [f"| {i + 1} | {k.seconds} | {k.chunk}, {k.position} |" for i, k in enumerate(report.kills)]
     if report.ended_early:
-        lines += ["", f"attempt {len(report.kills) + 1} finished before its kill came (lower --max_delay)"]
+        lines += ["", report.ended_early]
     resumed = sum("resuming from" in log for log in report.logs)
     diffs = output_differences(out / "whole", out / "resumed")
     lines += ["", f"attempts that resumed from a checkpoint: {resumed} of {len(report.logs)}",
