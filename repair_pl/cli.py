@@ -143,15 +143,12 @@ def flat_config(config) -> dict:
 def print_generation_examples(module: RepairModule, records: list, n: int, out: Path) -> None:
     """Print what the model generates for ``n`` edited prompts (the last ``n`` records, which the
     final memory holds) and one unrelated question, before and after editing; also written to
-    ``out/generations.md``. Prompts are wrapped in the chat template when the tokenizer has one."""
-    from repair_pl.generation import chat_prompt, has_chat_template
-
+    ``out/generations.md``. Plain prompts, as the edits were trained (the evaluation's generated
+    columns also score the chat template)."""
     picked = list(records[-n:])
     questions = [r.prompt for r in picked] + [p for r in picked[:1] for p, _ in r.locality[:1]]
-    chat = has_chat_template(module.tokenizer)
-    wrapped = [chat_prompt(module.tokenizer, q) if chat else q for q in questions]
-    before = module.generate(wrapped, max_new_tokens=16, edited=False)
-    after = module.generate(wrapped, max_new_tokens=16, edited=True)
+    before = module.generate(questions, max_new_tokens=16, edited=False)
+    after = module.generate(questions, max_new_tokens=16, edited=True)
     lines = ["| question | edit target | before | after |", "|---|---|---|---|"]
     for i, question in enumerate(questions):
         target = picked[i].target if i < len(picked) else "(unrelated: should not change)"
@@ -159,8 +156,7 @@ def print_generation_examples(module: RepairModule, records: list, n: int, out: 
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     text = "\n".join(lines) + "\n"
     write_file_atomic(out / "generations.md", text)
-    how = "chat template" if chat else "plain prompts: the tokenizer has no chat template"
-    print(f"\ngenerated answers, before -> after editing (greedy, {how}):\n" + text, flush=True)
+    print("\ngenerated answers, before -> after editing (greedy, plain prompts):\n" + text, flush=True)
 
 
 def main(args=None) -> None:
