@@ -90,8 +90,9 @@ def predict_answers(logits_fn: LogitsFn, batch: EncodedPairs) -> tuple[Tensor, T
 KINDS = ("rewrite", "rephrase", "locality", "ood")
 
 
-def _queries(records: Sequence[EditRecord]) -> list[tuple[int, str, int, str, str]]:
-    """Flatten records into ``(record, kind, slot, prompt, answer)`` queries."""
+def record_queries(records: Sequence[EditRecord]) -> list[tuple[int, str, int, str, str]]:
+    """Flatten records into ``(record, kind, slot, prompt, answer)`` queries, record by record
+    in the order of :data:`KINDS`."""
     out = []
     for r, rec in enumerate(records):
         out.append((r, "rewrite", 0, rec.prompt, rec.target))
@@ -123,7 +124,7 @@ def evaluate_records(logits_fn: LogitsFn, tokenizer, records: Sequence[EditRecor
     "locality": {"neighborhood_acc": [..]}, "ood_acc": [..], "rewrite_em": [..], "rewrite_ppl": [..]}``
     (``rewrite_ppl``: perplexity of the target after the edit prompt, lower is better).
     """
-    queries = _queries(records)
+    queries = record_queries(records)
     # Sort by length so batches hold similar lengths (less padding); results are put back in order.
     lengths = [len(p) + len(a) for _, _, _, p, a in queries]
     order = sorted(range(len(queries)), key=lambda q: lengths[q])

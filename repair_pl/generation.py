@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from repair_pl.data.records import EditRecord
+from repair_pl.evaluate import record_queries
 
 GenerateFn = Callable[[list[str], int], list[str]]
 """``(prompts, max_new_tokens) -> generated texts`` (the continuation only), greedy."""
@@ -103,13 +104,9 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def _queries(records: Sequence[EditRecord]) -> list[tuple[int, str, int, str, str]]:
-    """``(record, kind, slot, question, expected answer)`` for every generated query."""
-    out = []
-    for r, rec in enumerate(records):
-        out.append((r, "rewrite", 0, rec.prompt, rec.target))
-        out += [(r, "rephrase", j, p, rec.target) for j, p in enumerate(rec.rephrases)]
-        out += [(r, "locality", j, p, a) for j, (p, a) in enumerate(rec.locality)]
-    return out
+    """``(record, kind, slot, question, expected answer)`` for every generated query: the
+    evaluation's queries without the OOD rephrasings, which the generation check does not score."""
+    return [q for q in record_queries(records) if q[1] != "ood"]
 
 
 def _generate_all(generate_fn: GenerateFn, prompts: list[str], budgets: list[int], batch_size: int,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WALL_TIME_KEYS = ("seconds", "seconds_per_edit", "blocks", "peak_rss_mb")  # "blocks": seconds and RSS per 100 edits
+WALL_TIME_KEYS = ("seconds", "seconds_per_edit", "blocks")  # "blocks": seconds and peak RSS per 100 edits
 
 
 class CliRun:

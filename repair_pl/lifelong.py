@@ -187,9 +187,8 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
     if state["blocks"]:
         # what came after the last full block: its edits, and re-edits, merges and re-checks that a
         # batch runs after its edits (REPAIR's error feedback), so the blocks add up to the total
-        last = state["blocks"][-1]["edits"]
-        rest = seconds - sum(b["seconds_per_edit"] * BLOCK for b in state["blocks"])
-        summary["blocks"] = state["blocks"] + [{"edits": n, "rest_after": last, "seconds": rest}]
+        rest = {"edits": n, "rest_after": state["blocks"][-1]["edits"], "seconds": _seconds_after_blocks(state)}
+        summary["blocks"] = state["blocks"] + [rest]
     if generation is not None:
         summary["generation"] = generation_summary(tok, generation)
     _report("post-edit", summary["post"])
@@ -220,9 +219,14 @@ def _note_block(state: dict) -> None:
         return
     import resource
 
-    spent = state["seconds"] - sum(b["seconds_per_edit"] * BLOCK for b in state["blocks"])
+    spent = _seconds_after_blocks(state)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     state["blocks"].append({"edits": done, "seconds_per_edit": spent / BLOCK, "peak_rss_mb": peak_mb})
+
+
+def _seconds_after_blocks(state: dict) -> float:
+    """Editing seconds not yet in a closed block."""
+    return state["seconds"] - sum(b["seconds_per_edit"] * BLOCK for b in state["blocks"])
 
 
 def chunk_spread(results: list[dict], T: int) -> dict:

@@ -126,6 +126,21 @@ class EditableLayer(nn.Module):
         return self.main(x)
 
 
+def edit_only_losses(edit_loss: Tensor, correct: Tensor) -> dict[str, Tensor]:
+    """:meth:`EditableLayer.losses` of a memory that trains the edit alone: no routing loss,
+    and zero in/out-of-scope scores (it routes by other means)."""
+    zero = edit_loss.new_zeros(()).detach()
+    return {"loss": edit_loss, "edit_loss": edit_loss, "routing_loss": zero, "in_scope": zero, "out_scope": zero,
+            "target_correct": correct}
+
+
+def lr_tagged(optimizer: torch.optim.Optimizer, lr: float) -> torch.optim.Optimizer:
+    """``optimizer`` with the ``base_lr`` / ``configured_lr`` tags that
+    :meth:`EditableLayer.configure_optimizer` promises (``lr``: the memory's option)."""
+    optimizer.param_groups[0].update(base_lr=lr, configured_lr=lr)
+    return optimizer
+
+
 def init_args(obj: Any) -> dict[str, Any]:
     """The ``__init__`` arguments of ``obj`` as stored on it (a memory or component), by name; a
     part of the package inside them (a memory's router) as its own ``class_path``/``init_args``."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repair_pl.evaluate import encode_pairs
-from repair_pl.memory.base import EditableLayer
+from repair_pl.memory.base import EditableLayer, edit_only_losses, lr_tagged
 from repair_pl.memory.batch import flat_indices, prompt_target_batch
 
 OBJECTIVES = ("prompt_last", "target")
@@ -87,14 +87,10 @@ class FineTunedLayer(EditableLayer):
         else:
             edit_loss = F.cross_entropy(logits.float(), labels)
             correct = (logits.argmax(-1) == labels).all().float()
-        zero = edit_loss.new_zeros(()).detach()
-        return {"loss": edit_loss, "edit_loss": edit_loss, "routing_loss": zero, "in_scope": zero, "out_scope": zero,
-                "target_correct": correct}
+        return edit_only_losses(edit_loss, correct)
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        optimizer = torch.optim.Adam([self.weight], lr=self.lr)
-        optimizer.param_groups[0].update(base_lr=self.lr, configured_lr=self.lr)
-        return optimizer
+        return lr_tagged(torch.optim.Adam([self.weight], lr=self.lr), self.lr)
 
     def after_step(self, stats) -> bool:
         if self.norm_constraint is not None:

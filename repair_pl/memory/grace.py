@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repair_pl.memory.base import EditableLayer
+from repair_pl.memory.base import EditableLayer, edit_only_losses, lr_tagged
 from repair_pl.memory.batch import prompt_target_batch
 
 
@@ -90,15 +90,10 @@ class GraceCodebook(EditableLayer):
 
     def losses(self, logits: Tensor, labels: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
         edit_loss = F.cross_entropy(logits.float(), labels)
-        zero = edit_loss.new_zeros(()).detach()
-        correct = (logits.argmax(-1) == labels).all().float()
-        return {"loss": edit_loss, "edit_loss": edit_loss, "routing_loss": zero, "in_scope": zero, "out_scope": zero,
-                "target_correct": correct}
+        return edit_only_losses(edit_loss, (logits.argmax(-1) == labels).all().float())
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        optimizer = torch.optim.SGD([self.value], lr=self.lr)
-        optimizer.param_groups[0].update(base_lr=self.lr, configured_lr=self.lr)
-        return optimizer
+        return lr_tagged(torch.optim.SGD([self.value], lr=self.lr), self.lr)
 
     def after_step(self, stats) -> bool:
         return self.stop_loss is not None and stats["target_correct"] == 1.0 and stats["edit_loss"] < self.stop_loss

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repair_pl.losses import margin_routing_loss
-from repair_pl.memory.base import EditableLayer
+from repair_pl.memory.base import EditableLayer, lr_tagged
 from repair_pl.memory.batch import prompt_target_batch
 from repair_pl.memory.router import PromptRouter
 from repair_pl.merge import MERGERS, merge
@@ -171,9 +171,7 @@ class SideMemory(EditableLayer):
                 "target_correct": correct}
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        optimizer = torch.optim.SGD([self.side], lr=self.lr)
-        optimizer.param_groups[0].update(base_lr=self.lr, configured_lr=self.lr)
-        return optimizer
+        return lr_tagged(torch.optim.SGD([self.side], lr=self.lr), self.lr)
 
     def after_backward(self) -> None:
         if self.side.grad is not None:  # only the current shard's entries may change
