@@ -1,5 +1,5 @@
-"""PNG plots of a sweep (:mod:`repair_pl.sweep`): metrics vs number of edits T per method, and
-locality vs T per dataset. Needs matplotlib (extra ``plots``); without it no plot is drawn."""
+"""PNG plots of a sweep (:mod:`repair_pl.sweep`): metrics and seconds per edit vs number of edits T
+per method, and locality vs T per dataset. Needs matplotlib (extra ``plots``); without it no plot is drawn."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 METRICS = (("rewrite_acc", "Rel"), ("rephrase_acc", "Gen"), ("locality", "Loc"), ("ood_acc", "OOD"),
-           ("rewrite_ppl", "target PPL (lower is better)"))
+           ("rewrite_gen_em", "generated Rel"), ("rephrase_gen_em", "generated Gen"),
+           ("rewrite_ppl", "target PPL (lower is better)"), ("seconds_per_edit", "seconds per edit"))
+UNBOUNDED = ("rewrite_ppl", "seconds_per_edit")  # not shares in [0, 1]
+
+
+def _value(row: dict, key: str):
+    """A run's post-edit mean of ``key``, or its seconds per edit (a key of the summary itself)."""
+    return row.get(key) if key == "seconds_per_edit" else row["post"].get(key)
 
 
 def _line(ax, rows: Sequence[dict], key: str) -> None:
     """One line per run name: post-edit ``key`` against T."""
     for name in dict.fromkeys(r["run"] for r in rows):
-        points = sorted((r["T"], r["post"][key]) for r in rows if r["run"] == name and key in r["post"])
+        points = sorted((r["T"], _value(r, key)) for r in rows if r["run"] == name and _value(r, key) is not None)
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
     ts = sorted({r["T"] for r in rows})
@@ -22,10 +29,10 @@ def _line(ax, rows: Sequence[dict], key: str) -> None:
     ax.set_xticks(ts, [str(t) for t in ts])
     ax.minorticks_off()
     ax.set_xlabel("T (edits)")
-    if key == "rewrite_ppl":
-        values = [r["post"][key] for r in rows if key in r["post"]]
+    if key in UNBOUNDED:
+        values = [_value(r, key) for r in rows if _value(r, key) is not None]
         if values and min(values) > 0 and max(values) / min(values) >= 10:
-            ax.set_yscale("log")  # perplexities of edited and unedited targets differ by orders of magnitude
+            ax.set_yscale("log")  # e.g. perplexities of edited and unedited targets differ by orders of magnitude
     else:
         ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -60,7 +67,7 @@ def plot_sweep(rows: Sequence[dict], out: Path) -> list[Path]:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     for dataset in datasets:
         group = [r for r in rows if r["dataset"] == dataset]
-        keys = [(k, label) for k, label in METRICS if any(k in r["post"] for r in group)]
+        keys = [(k, label) for k, label in METRICS if any(_value(r, k) is not None for r in group)]
         fig = Figure(figsize=(3.4 * len(keys), 3.2), layout="constrained")
         axes = fig.subplots(1, len(keys), squeeze=False)[0]
         for ax, (key, label) in zip(axes, keys):

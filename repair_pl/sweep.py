@@ -35,8 +35,10 @@ ABLATIONS = {
     "heterogeneous": ("--model.components.distribution_aware.heterogeneous", "true"),
 }
 COLUMNS = (("rewrite_acc", "Rel"), ("rephrase_acc", "Gen"), ("locality", "Loc"), ("ood_acc", "OOD"),
-           ("rewrite_ppl", "PPL"))
-OPTIONAL_COLUMNS = ("ood_acc", "rewrite_ppl")  # only where the data has them (OOD: Temporal)
+           ("rewrite_ppl", "PPL"), ("rewrite_gen_em", "gen Rel"), ("rephrase_gen_em", "gen Gen"),
+           ("locality_gen", "gen Loc"))
+OPTIONAL_COLUMNS = ("ood_acc", "rewrite_ppl", "rewrite_gen_em", "rephrase_gen_em", "locality_gen")
+"""Columns shown only where some run has them (OOD: Temporal; gen: runs with ``generation: true``)."""
 EREN_COLUMNS = ("es", "bp", "eq")  # EREN's edit success, behaviour preservation, edit quality (EREN runs only)
 
 
@@ -57,7 +59,9 @@ def method_args(method: str) -> tuple[str, ...]:
     try:
         return ("--config", str(find_config(f"methods/{method}")))
     except SweepError:
-        raise SweepError(f"unknown method {method!r}: there is no configs/methods/{method}.yaml") from None
+        known = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))
+        raise SweepError(f"unknown method {method!r}: there is no configs/methods/{method}.yaml "
+                         f"(methods: repair, eren, {', '.join(known)})") from None
 
 
 def find_config(name: str) -> Path:
@@ -299,6 +303,8 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
             "prompt (WISE's Hallucination metric, lower is better); steps and seconds per edit include "
             "re-edits; failed: edits undone by closed-loop feedback. ES / BP / EQ (EREN runs): edit success, "
             "behaviour preservation and their harmonic mean, on generated answers (EREN's metrics). "
+            "gen Rel / gen Gen / gen Loc (runs with generation on): exact match of the greedy answer to the target, "
+            "and the share of unrelated answers unchanged from the unedited model's (docs/evaluation.md). "
             "A run of several chunks (n > T) shows the mean of its chunks' means ± their standard deviation.", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
@@ -315,9 +321,32 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
                                      + [_cell(r.get(k)) for k, _ in eren])
                         + f" | {r['steps_per_edit']:.1f} | {r['seconds_per_edit']:.2f} | {r.get('n_failed', 0)} |")
         text.append("")
+    text += stream_table(rows)
     if notes:
         text += ["## Not run", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(text)
+
+
+def stream_table(rows: Sequence[dict]) -> list[str]:
+    """The "Long streams" section: for each run with a timeline (``summary["blocks"]``, runs of
+    at least one block of edits), its editing wall time, seconds per edit in each block of edits
+    and peak memory after the first and the last block."""
+    runs = [r for r in rows if r.get("blocks") and "seconds_per_edit" in r["blocks"][0]]
+    if not runs:
+        return []
+    text = ["## Long streams", "",
+            "Editing wall time (evaluation apart) and, per block of edits, seconds per edit; peak RSS of the "
+            "process after the first and the last full block.", "",
+            "| dataset | method | T | n | editing time | s/edit per block | peak RSS (MB), first / last block |",
+            "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        blocks = [b for b in r["blocks"] if "seconds_per_edit" in b]
+        size = blocks[0]["edits"]
+        per_block = " ".join(f"{b['seconds_per_edit']:.2f}" for b in blocks)
+        minutes = r["seconds_per_edit"] * r["n_edits"] / 60
+        text.append(f"| {r['dataset']} | {r['run']} | {r['T']} | {r['n_edits']} | {minutes:.1f} min | "
+                    f"{per_block} (per {size}) | {blocks[0]['peak_rss_mb']:.0f} / {blocks[-1]['peak_rss_mb']:.0f} |")
+    return text + [""]
 
 
 def write_comparison(out: Path, notes: Sequence[str] = (), order: Sequence[str] = ()) -> Path:

@@ -93,6 +93,26 @@ def test_a_run_over_several_chunks_shows_the_mean_and_std_over_chunks():
     assert "| repair | 10 | 30 | 0.880 ± 0.050 | 0.450 | 1.000 |" in text  # columns without a spread: the mean
 
 
+def test_generated_columns_and_long_streams_appear_for_the_runs_that_have_them():
+    plain = {**summary("wise", 10, 0.9, 1.0), "dataset": "zsre", "run": "wise"}
+    post = {**summary("repair", 250, 0.8, 0.99)["post"], "rewrite_gen_em": 0.25, "rephrase_gen_em": 0.125,
+            "locality_gen": 0.5}
+    blocks = [{"edits": 100, "seconds_per_edit": 1.5, "peak_rss_mb": 900.0},
+              {"edits": 200, "seconds_per_edit": 1.75, "peak_rss_mb": 950.0},
+              {"edits": 250, "rest_after": 200, "seconds": 12.0}]
+    stream = {**summary("repair", 250, 0.8, 0.99), "post": post, "n_edits": 250, "seconds_per_edit": 2.0,
+              "blocks": blocks, "dataset": "zsre", "run": "repair"}
+    text = comparison_table([stream, plain])
+    assert "| Rel | Gen | Loc | PPL | gen Rel | gen Gen | gen Loc | steps/edit |" in text
+    assert "| repair | 250 | 250 | 0.800 | 0.400 | 0.990 | 3.500 | 0.250 | 0.125 | 0.500 |" in text
+    assert "| wise | 10 | 10 | 0.900 | 0.450 | 1.000 | 3.500 | - | - | - |" in text  # generation off: no value
+    streams = text.split("## Long streams")[1]
+    # 250 edits x 2 s = 8.3 min; the rest entry (no seconds_per_edit) is not a block
+    assert "| zsre | repair | 250 | 250 | 8.3 min | 1.50 1.75 (per 100) | 900 / 950 |" in streams
+    assert "wise" not in streams
+    assert "## Long streams" not in comparison_table([plain])
+
+
 def test_plots_are_written_next_to_the_summary(tmp_path):
     pytest.importorskip("matplotlib")
     from repair_pl.plots import plot_sweep
@@ -210,7 +230,8 @@ def test_jobs_start_the_largest_T_first(tmp_path, monkeypatch):
 def test_unknown_method_or_dataset_is_a_clear_error(tmp_path, capsys):
     compare = load_compare()
     assert compare.main(["--datasets", "demo", "--methods", "rome", "--out", str(tmp_path)]) == 2
-    assert "unknown methods ['rome']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown method 'rome': there is no configs/methods/rome.yaml" in err and "wise" in err
     assert compare.main(["--datasets", "nosuch", "--methods", "wise", "--out", str(tmp_path)]) == 2
     assert "configs/nosuch.yaml" in capsys.readouterr().err
 
