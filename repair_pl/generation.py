@@ -6,8 +6,9 @@ edit prompt, rephrasing and locality prompt greedily, as a user would see it:
 
 - the budget is the expected answer's token count plus ``GenerationCheck.extra_tokens``, so an
   answer that runs on past the target shows as such;
-- generation ends at the first special token (end of sequence or of turn); the decoded text is
-  then cut (:func:`cut_answer`): its first line that holds a letter or digit;
+- generation ends at the first special token (end of sequence or of turn), or once the answer's
+  line is complete (nothing after it is scored); the decoded text is then cut
+  (:func:`cut_answer`): its first line that holds a letter or digit;
 - rewrite and rephrase: exact match of the normalised answer with the target
   (:func:`normalize_answer`, SQuAD's rule);
 - locality: whether the normalised answer equals the unedited model's (the pre-edit run's
@@ -24,6 +25,9 @@ import string
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import record_queries
@@ -101,6 +105,29 @@ def stop_token_ids(tokenizer) -> list[int]:
     """Generation ends at any of the tokenizer's special tokens (EOS, end of turn, document
     separator): decoding drops them, so text after one would be glued to the answer."""
     return sorted(set(tokenizer.all_special_ids))
+
+
+def answer_line_done(text: str) -> bool:
+    """Whether ``text`` already holds a complete line with a letter or digit: :func:`cut_answer`
+    of ``text`` and of any continuation of it is then the same."""
+    *complete, _ = text.split("\n")
+    return any(any(ch.isalnum() for ch in line) for line in complete)
+
+
+class AnswerLineEnd(StoppingCriteria):
+    """A ``generate()`` stopping criterion: a sequence is done once its continuation holds a
+    complete answer line (:func:`answer_line_done`). Tokens after it would only be cut off, so
+    stopping there changes no answer and saves the rest of the budget. One per ``generate()``
+    call: the first call marks where the continuation starts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.start = tokenizer, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.start is None:  # called once a token was added to the prompt
+            self.start = input_ids.shape[1] - 1
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([answer_line_done(t) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def _queries(records: Sequence[EditRecord]) -> list[tuple[int, str, int, str, str]]:
@@ -206,7 +233,8 @@ def generation_summary(tokenizer, check: GenerationCheck) -> dict:
 
 def module_generate_fn(module, edited: bool) -> GenerateFn:
     """A :data:`GenerateFn` through :meth:`~repair_pl.module.RepairModule.generate`, ending at the
-    first special token (:func:`stop_token_ids`)."""
+    first special token (:func:`stop_token_ids`) or at the end of the answer's line (:class:`AnswerLineEnd`)."""
     stops = stop_token_ids(module.tokenizer)
-    return lambda prompts, max_new_tokens: module.generate(prompts, max_new_tokens=max_new_tokens, edited=edited,
-                                                           eos_token_id=stops)
+    return lambda prompts, max_new_tokens: module.generate(
+        prompts, max_new_tokens=max_new_tokens, edited=edited, eos_token_id=stops,
+        stopping_criteria=StoppingCriteriaList([AnswerLineEnd(module.tokenizer)]))

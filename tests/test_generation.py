@@ -9,7 +9,7 @@ import torch
 
 from repair_pl import EditRecord, RepairModule
 from repair_pl.distributed import case_scores, run_lifelong_sharded
-from repair_pl.generation import (NO_CHAT_TEMPLATE, GenerationCheck, chat_prompt, cut_answer, evaluate_generation,
+from repair_pl.generation import (answer_line_done, NO_CHAT_TEMPLATE, GenerationCheck, chat_prompt, cut_answer, evaluate_generation,
                                   exact_match_answer, generation_means, module_generate_fn, normalize_answer,
                                   stop_token_ids)
 from repair_pl.lifelong import GEN_KEYS, pre_edit_evaluation, run_lifelong
@@ -261,3 +261,28 @@ def test_run_fingerprint_covers_generation():
     assert run_fingerprint(module, RECORDS, 2, GenerationCheck(2)) != off
     assert run_fingerprint(module, RECORDS, 2, GenerationCheck(2)) != run_fingerprint(module, RECORDS, 2,
                                                                                         GenerationCheck(3))
+
+
+def test_answer_line_done_agrees_with_cut_answer():
+    assert answer_line_done(" Paris\n") and answer_line_done("?\n\nThe answer: Crema\nmo")
+    assert not answer_line_done(" Paris") and not answer_line_done("?\n\n") and not answer_line_done("")
+    for text in [" Paris\n", "?\n\nThe answer: Crema\n", " 1997.\n"]:
+        assert answer_line_done(text) and cut_answer(text) == cut_answer(text + "more\nlines")
+
+
+def test_generation_stops_once_the_answer_line_is_complete():
+    """Stopping at the end of the answer's line leaves every cut answer as it was: each stopped
+    text is a prefix of the full one, and for some prompts it is shorter."""
+    model, tokenizer = tiny_llama(), char_tokenizer()
+    newline, carriage_return = tokenizer.convert_tokens_to_ids(["\n", "\r"])
+    with torch.no_grad():  # the random model writes "\r" often and "\n" never: make it "\n" instead
+        model.lm_head.weight[newline] = model.lm_head.weight[carriage_return] * 1.01
+    module = RepairModule(model, tokenizer, **preset("wise", **TINY))
+    prompts = [f"who is p{i}" for i in range(40)]
+    stopped = module_generate_fn(module, edited=False)(prompts, 30)
+    stops = stop_token_ids(module.tokenizer)
+    full = module.generate(prompts, max_new_tokens=30, edited=False, eos_token_id=stops)
+    assert [cut_answer(t) for t in stopped] == [cut_answer(t) for t in full]
+    assert all(f.startswith(s) for s, f in zip(stopped, full))
+    shorter = [i for i, (s, f) in enumerate(zip(stopped, full)) if len(s) < len(f)]
+    assert shorter and all(answer_line_done(stopped[i]) for i in shorter)
