@@ -49,10 +49,8 @@ TINY_SETTINGS = dict(n_prefixes=2, layer=2, lr=10.0, alpha=1.0, beta=5.0, gamma=
 """Margins scaled to the tiny random model's activation norms (as in the unit tests)."""
 LLAMA3_SETTINGS = dict(layer=29, eval_batch_size=32)
 """WISE's published layer for Llama-3-8B (configs/llama3_8b.yaml)."""
-# Part 5's default: GRACE, the cheapest configuration that keeps Rel >= 0.8 and Loc >= 0.98 over
-# 1000 ZsRE edits on SmolLM2 (README, Speed part 5: 1.43 s per edit, Rel 1.000, Loc 1.000, Gen
-# 0.224). REPAIR keeps the bar at 100 edits (Rel 0.953, Loc 1.000, Gen 0.815) at ~5 s per edit;
-# its 1000-edit stream is --stream '{"method": "repair"}'.
+# Part 5's default: GRACE, the cheapest method that edits the stream (docs/benchmarks.md); REPAIR's
+# 1000-edit stream is --stream '{"method": "repair"}', or the sweep (docs/results.md, long streams).
 CHEAP_STREAM = dict(method="grace")
 
 
