@@ -52,3 +52,15 @@ def tiny_editor(method: str = "wise", model=None, **options):
     from repair_pl.presets import preset
 
     return RepairModule(tiny_llama() if model is None else model, char_tokenizer(), **preset(method, **options))
+
+
+def load_script(path) -> object:
+    """The Python file at ``path`` (a script of ``scripts/`` or ``tools/``) loaded as a module, so
+    a test can call its functions; it is not added to ``sys.modules``."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """scripts/bench.py on the tiny random model with minimal sizes, so the bench cannot rot."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,16 +7,14 @@ import pytest
 import torch
 
 from repair_pl.data import EditRecord
+from repair_pl.testing import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add noise

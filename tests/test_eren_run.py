@@ -1,6 +1,5 @@
 """EREN config runner (the ``method: eren`` CLI branch) and scripts/eren_eval.py."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import yaml
 
 from repair_pl.eren import HashEncoder
 from repair_pl.eren.run import build_editor, main, run_config
+from repair_pl.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,9 +162,7 @@ def test_shipped_configs_build(name):
 
 
 def test_eval_script_bench_index(capsys):
-    spec = importlib.util.spec_from_file_location("eren_eval", REPO / "scripts" / "eren_eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(REPO / "scripts" / "eren_eval.py")
     script.main(["--bench-index"])
     out = capsys.readouterr().out
     assert "top-5 of 10000 x 384, batch 1" in out and "ms/query" in out
@@ -195,9 +193,7 @@ def test_eval_script_analyze(tmp_path, capsys):
     cfg = {"model": {"method": "eren", "k": 1}, "data": {"path": str(cfh_file(tmp_path))},
            "trainer": {"default_root_dir": str(tmp_path / "out")}}
     run_config(cfg, reader=reader, encoder=HashEncoder(128), progress=False)
-    spec = importlib.util.spec_from_file_location("eren_eval", REPO / "scripts" / "eren_eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(REPO / "scripts" / "eren_eval.py")
     breakdown = script.main(["--analyze", str(tmp_path / "out"), "--min-score", "1.01"])  # gate shuts everything
     assert breakdown["in_scope"]["gated"] == 1.0 and breakdown["unrelated"]["judged_relevant"] == 0.0
     assert "ES 0.0  BP 100.0" in capsys.readouterr().out

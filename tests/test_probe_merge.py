@@ -1,6 +1,5 @@
 """tools/probe_merge.py: a batch's shards kept from one edit pass and merged again."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from repair_pl.data import EditRecord
 from repair_pl.module import RepairModule
 from repair_pl.presets import preset
-from repair_pl.testing import char_tokenizer, tiny_llama
+from repair_pl.testing import char_tokenizer, load_script, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,16 +19,9 @@ RECORDS = [EditRecord(f"question {i}?", t, rephrases=(f"q {i}?",), locality=((f"
                       routing_prompt=f"unrelated {i}") for i, t in enumerate(["xyz", "qwe", "rty", "uio"])]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("probe_merge", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("stack", [False, True])
 def test_the_kept_shards_merge_back_to_the_runs_memory(stack):
-    probe = load_script()
+    probe = load_script(SCRIPT)
     torch.manual_seed(0)
     module = RepairModule(tiny_llama(), char_tokenizer(), **preset("repair", stack_shards=stack, **TINY))
     state = probe.edit_batch(module, RECORDS)

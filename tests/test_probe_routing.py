@@ -1,6 +1,5 @@
 """tools/probe_routing.py: one edit pass scored at several routing thresholds."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ from repair_pl.data import EditRecord
 from repair_pl.evaluate import evaluate_records
 from repair_pl.module import RepairModule
 from repair_pl.presets import preset
-from repair_pl.testing import char_tokenizer, tiny_llama
+from repair_pl.testing import char_tokenizer, load_script, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,15 +21,8 @@ RECORDS = [EditRecord("capital of fr?", "xyz", rephrases=("fr capital?",), local
                       routing_prompt="some other thing")]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("probe_routing", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_probe_scores_one_memory_at_every_threshold():
-    probe = load_script().probe
+    probe = load_script(SCRIPT).probe
     module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS)
     out = probe(module, RECORDS, T=2, act_ratios=[0.0, 1e6], reference=pre.locality_preds)
@@ -41,7 +33,7 @@ def test_probe_scores_one_memory_at_every_threshold():
 
 
 def test_saved_state_is_scored_at_each_threshold_without_editing(tmp_path):
-    script = load_script()
+    script = load_script(SCRIPT)
     module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))
     pre = evaluate_records(module.logits_fn(edited=False), module.tokenizer, RECORDS)
     for record in RECORDS:
@@ -56,7 +48,7 @@ def test_saved_state_is_scored_at_each_threshold_without_editing(tmp_path):
 
 
 def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
-    script = load_script()
+    script = load_script(SCRIPT)
     module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY))  # wise: mean scores
     for record in RECORDS:
         module.edit(record)
@@ -78,7 +70,7 @@ def test_rescore_rereads_the_saved_memory_and_rethresholds(tmp_path):
 
 
 def test_retrieved_memories_follow_the_routing_choice():
-    script = load_script()
+    script = load_script(SCRIPT)
     module = RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY, retrieve=True, save_freq=1, merge_freq=1,
                           merge_method="linear"))
     for record in RECORDS:

@@ -1,16 +1,15 @@
 """tools/probe_step.py: one edit step timed per number of context prefixes."""
 
-import importlib.util
 import re
 from pathlib import Path
+
+from repair_pl.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_each_prefix_count_gets_its_batch_and_a_time(capsys):
-    spec = importlib.util.spec_from_file_location("probe_step", ROOT / "tools" / "probe_step.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script(ROOT / "tools" / "probe_step.py")
     probe.main(["--model", "tiny-random", "--data", "demo", "--record", "0", "--layer", "2",
                 "--prefixes", "3", "1", "--repeats", "2"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prefixes")]

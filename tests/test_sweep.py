@@ -1,6 +1,5 @@
 """The comparison sweep (scripts/compare.py, repair_pl.sweep): plan, resume, table, plots."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 import yaml
 
 from repair_pl.sweep import Run, SweepError, collect, comparison_table, find_config, plan, run_sweep
+from repair_pl.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--", "--model.layer", "2", "--model.max_steps", "2", "--generation_examples", "0",
@@ -15,10 +15,7 @@ TINY = ["--", "--model.layer", "2", "--model.max_steps", "2", "--generation_exam
 
 
 def load_compare():
-    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "compare.py")
 
 
 def test_plan_is_datasets_x_T_x_methods_and_skips_T_beyond_the_data(tmp_path):
