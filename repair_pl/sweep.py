@@ -39,6 +39,8 @@ COLUMNS = (("rewrite_acc", "Rel"), ("rephrase_acc", "Gen"), ("locality", "Loc"),
            ("locality_gen", "gen Loc"))
 OPTIONAL_COLUMNS = ("ood_acc", "rewrite_ppl", "rewrite_gen_em", "rephrase_gen_em", "locality_gen")
 """Columns shown only where some run has them (OOD: Temporal; gen: runs with ``generation: true``)."""
+CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parents[1] / "configs")
+"""Where configs are looked up by name: the working directory's ``configs/``, else the repository's."""
 EREN_COLUMNS = ("es", "bp", "eq")  # EREN's edit success, behaviour preservation, edit quality (EREN runs only)
 
 
@@ -59,7 +61,7 @@ def method_args(method: str) -> tuple[str, ...]:
     try:
         return ("--config", str(find_config(f"methods/{method}")))
     except SweepError:
-        known = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "methods").glob("*.yaml"))
+        known = sorted({p.stem for base in CONFIG_DIRS for p in (base / "methods").glob("*.yaml")})
         raise SweepError(f"unknown method {method!r}: there is no configs/methods/{method}.yaml "
                          f"(methods: repair, eren, {', '.join(known)})") from None
 
@@ -72,7 +74,7 @@ def find_config(name: str) -> Path:
         if not path.is_file():
             raise SweepError(f"config {name} does not exist")
         return path
-    for base in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
+    for base in CONFIG_DIRS:
         if (base / f"{name}.yaml").is_file():
             return base / f"{name}.yaml"
     raise SweepError(f"no config for {name!r}: expected configs/{name}.yaml (or pass the path of a .yaml file)")
@@ -331,16 +333,16 @@ def stream_table(rows: Sequence[dict]) -> list[str]:
     """The "Long streams" section: for each run with a timeline (``summary["blocks"]``, runs of
     at least one block of edits), its editing wall time, seconds per edit in each block of edits
     and peak memory after the first and the last block."""
-    runs = [r for r in rows if r.get("blocks") and "seconds_per_edit" in r["blocks"][0]]
-    if not runs:
+    timelines = [(r, [b for b in r.get("blocks") or [] if "seconds_per_edit" in b]) for r in rows]
+    timelines = [(r, blocks) for r, blocks in timelines if blocks]
+    if not timelines:
         return []
     text = ["## Long streams", "",
             "Editing wall time (evaluation apart) and, per block of edits, seconds per edit; peak RSS of the "
             "process after the first and the last full block.", "",
             "| dataset | method | T | n | editing time | s/edit per block | peak RSS (MB), first / last block |",
             "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        blocks = [b for b in r["blocks"] if "seconds_per_edit" in b]
+    for r, blocks in timelines:
         size = blocks[0]["edits"]
         per_block = " ".join(f"{b['seconds_per_edit']:.2f}" for b in blocks)
         minutes = r["seconds_per_edit"] * r["n_edits"] / 60

@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     from repair_pl.plots import plot_sweep
     from repair_pl.sweep import failure_notes, run_sweep, write_comparison
 
-
     out = Path(args.out)
     try:
         runs, notes = plan(args.datasets, args.methods, args.T, args.ablations, args.ds_size)

@@ -9,9 +9,9 @@ import torch
 
 from repair_pl import EditRecord, RepairModule
 from repair_pl.distributed import case_scores, run_lifelong_sharded
-from repair_pl.generation import (answer_line_done, NO_CHAT_TEMPLATE, GenerationCheck, chat_prompt, cut_answer, evaluate_generation,
-                                  exact_match_answer, generation_means, module_generate_fn, normalize_answer,
-                                  stop_token_ids)
+from repair_pl.generation import (NO_CHAT_TEMPLATE, GenerationCheck, answer_line_done, chat_prompt, cut_answer,
+                                  evaluate_generation, exact_match_answer, generation_means, module_generate_fn,
+                                  normalize_answer, stop_token_ids)
 from repair_pl.lifelong import GEN_KEYS, pre_edit_evaluation, run_lifelong
 from repair_pl.resume import run_fingerprint
 from repair_pl.presets import preset
