@@ -278,6 +278,26 @@ def test_merge_recalibrates_the_routing_threshold_on_the_merged_memory():
     assert module.memory.min_in_scope == pytest.approx(floor)
 
 
+def test_with_retrieve_a_merge_rescales_only_its_own_memory():
+    module = repair("progressive", "closed_loop", "error_feedback", cluster_size=1, retrieve=True)
+    memory = module.memory
+    list(module.edit_stream([A], progress=False))  # batch 1: A's merged memory kept apart
+    list(module.edit_stream([B], progress=False))  # batch 2: B's
+    assert len(memory.memories) == 2
+    first_scale = memory.memory_scales[0]
+    side = memory.side.detach().clone()
+    with memory.holding(memory.memories[1]):
+        b_score = module.in_scope_score(B)
+    assert torch.equal(memory.side.detach(), side)  # holding() puts W' back
+    assert memory.memory_scales[1] == pytest.approx(0.91 * b_score / memory.act_ratio)
+    assert memory.memory_scales[0] == first_scale  # the earlier memory keeps its scale
+    for record in (A, B):  # each edit clears its own memory's ratio test, so it is routed to a memory
+        ids = module.tokenizer([record.prompt], return_tensors="pt")
+        with torch.no_grad():
+            module(ids.input_ids, ids.attention_mask)
+        assert int(memory.last_choice[0]) >= 0
+
+
 def test_wise_has_no_components_and_one_flag_switches_one_off():
     assert RepairModule(tiny_llama(), char_tokenizer(), **preset("wise", **TINY)).edit_callbacks == []
     ablated = repair("progressive")

@@ -36,12 +36,22 @@ class EditStreamCallback(L.Callback):
 
 def recalibrate_routing(module, records: list, margin: float) -> None:
     """Re-measure the routing threshold after a merge (REPAIR; ours). Merging moves every score,
-    so the threshold is set to ``margin`` x the weakest of ``records`` (the batch's successful
-    edits) on the merged memory: every one of them routes, with some room for their
+    so the threshold is set to ``margin`` x the weakest of ``records`` (the successful edits the
+    merge took in) on the merged memory: every one of them routes, with some room for their
     rephrasings. It never rises above the threshold from before the batch
-    (``module.routing_floor``; earlier batches' edits are not re-measured)."""
+    (``module.routing_floor``; earlier batches' edits are not re-measured).
+
+    With ``retrieve`` the merge made a memory of its own, and only its scale is set, from the
+    scores through it: earlier memories and their scales stay as they are."""
     memory = module.memory
-    if memory.retrieve or memory.router is not None or not records:  # no score threshold to set
+    if memory.router is not None or not records:  # routed by prompt: no score threshold to set
+        return
+    if memory.retrieve:
+        if memory.memories:
+            with memory.holding(memory.memories[-1]):
+                weakest = min(module.in_scope_scores(records))
+            memory.memory_scales[-1] = margin * weakest / memory.act_ratio  # ratio test: score / scale > act_ratio
+            memory.invalidate()
         return
     weakest = min(module.in_scope_scores(records))
     # epsilon = act_ratio x min_in_scope, so this puts epsilon at margin x the weakest score

@@ -61,7 +61,8 @@ class ErrorFeedback(EditStreamCallback):
             for record in redo:
                 succeeded[id(record)] = module.reedit(record).success
             module.memory.merge_shards(loss_aware=False)
-            recalibrate_routing(module, [r for r in records if succeeded[id(r)]], module.components.recalibration_margin)
+            held = redo if module.memory.retrieve else records  # retrieve: the round's edits are a memory of their own
+            recalibrate_routing(module, [r for r in held if succeeded[id(r)]], module.components.recalibration_margin)
             now = dict(zip(map(id, records), rewrite_correct(module, records)))
             if sum(now.values()) <= sum(correct.values()):
                 module.restore_edits(*before)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -298,6 +300,20 @@ class SideMemory(EditableLayer):
 
     def invalidate(self) -> None:
         self._view = None
+
+    @contextmanager
+    def holding(self, weight: Tensor) -> Iterator[None]:
+        """``W'`` is ``weight`` inside the block (to score prompts through a stored memory in
+        mode "edit"), and exactly what it was after it."""
+        saved = self.side.detach().clone()
+        with torch.no_grad():
+            self.side.copy_(weight)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.side.copy_(saved)
+            self.invalidate()
 
     def inference_weights(self) -> list[Tensor]:
         """The side weights routing chooses among (one, or several in retrieve mode)."""
