@@ -377,3 +377,44 @@ def test_a_record_without_routing_prompt_gets_text_the_frozen_model_wrote():
     assert "who is bob" not in text and record.prompt not in text
     other.prepare_edit(record)
     assert other.memory.routing_pool == pool  # seeded: the same texts in every module of this seed
+
+
+def test_replay_trains_earlier_edits_of_the_shard_beside_the_new_one():
+    module = make(n_replay=1, max_steps=3, save_freq=2)
+    module.edit(A)
+    batch = module.prepare_edit(B)
+    plain = make(max_steps=3).prepare_edit(B)
+    # B's own rows, then A's bare prompt + target, then the out-of-scope rows
+    n_own_rows = 1 + module.memory.n_prefixes
+    assert int(batch["is_edit"].sum()) == n_own_rows + 1
+    assert module.tokenizer.decode(batch["input_ids"][n_own_rows][batch["attention_mask"][n_own_rows].bool()]) \
+        == module.tokenizer.decode(encode_pairs(module.tokenizer, [A.prompt], [A.target]).input_ids[0])
+    assert batch["n_own"] == len(plain["labels"]) < len(batch["labels"])
+    module.memory.mode = "edit"
+    with torch.no_grad():
+        with_replay = float(module.edit_losses(batch)["edit_loss"])
+        own = float(module.edit_losses(plain)["edit_loss"])
+    module.memory.mode = "route"
+    # the edit's own loss plus the replayed edit's mean cross-entropy through the same memory
+    assert with_replay == pytest.approx(own + target_loss(module, A), rel=1e-4)
+    module.edit(B)  # the second edit of the shard: it is stored, the next shard replays nothing
+    assert module.memory.shards and module.memory.shard_edits == []
+    assert int(module.prepare_edit(A)["is_edit"].sum()) == n_own_rows
+
+
+def test_replay_keeps_only_the_most_recent_edits_and_survives_a_resume(tmp_path):
+    C = EditRecord("sky color?", "red", routing_prompt="nothing at all")
+    module = make(n_replay=1, max_steps=2)
+    for record in (A, B, C):
+        module.edit(record)
+    assert [p for p, _ in module.memory.shard_edits] == [B.prompt, C.prompt]
+    module.reedit(B)  # a re-edit moves B to the end instead of adding it twice
+    assert [p for p, _ in module.memory.shard_edits] == [C.prompt, B.prompt]
+    batch = module.prepare_edit(B)
+    assert int(batch["is_edit"].sum()) == 1 + module.memory.n_prefixes + 1  # C, never B itself
+    module.save_edits(tmp_path / "edits")
+    fresh = make(n_replay=1, max_steps=2)
+    fresh.load_edits(tmp_path / "edits")
+    assert fresh.memory.shard_edits == module.memory.shard_edits
+    with pytest.raises(ValueError, match="SideMemory.n_replay"):
+        make(n_replay=-1)

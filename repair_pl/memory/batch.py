@@ -25,21 +25,26 @@ def flat_indices(mask: Tensor) -> Tensor:
     return mask.flatten().nonzero().squeeze(1)
 
 
-def with_loss_indices(batch: dict[str, Tensor]) -> dict[str, Any]:
+def with_loss_indices(batch: dict[str, Tensor], n_own_rows: int | None = None) -> dict[str, Any]:
     """Add what the losses select with: ``positions`` (flat indices of the positions that
     predict an answer token), their ``labels``, ``n_first`` (how many belong to the first row,
-    the bare prompt) and the ``edit_rows`` / ``other_rows`` indices."""
+    the bare prompt), ``n_own`` (how many belong to the first ``n_own_rows`` rows, the edit's
+    own; the rest are replayed edits) and the ``edit_rows`` / ``other_rows`` indices."""
     mask = predicting(batch["answer_mask"])
     is_edit = batch["is_edit"]
+    n_own = int(mask[:n_own_rows].sum()) if n_own_rows is not None else int(mask.sum())
     return {**batch, "positions": flat_indices(mask), "labels": batch["input_ids"][:, 1:][mask[:, :-1]],
-            "n_first": int(mask[0].sum()), "edit_rows": flat_indices(is_edit), "other_rows": flat_indices(~is_edit)}
+            "n_first": int(mask[0].sum()), "n_own": n_own, "edit_rows": flat_indices(is_edit),
+            "other_rows": flat_indices(~is_edit)}
 
 
 def prompt_target_batch(tokenizer, prompts: list[str], target: str, max_length: int | None,
-                        out_rows: list[list[int]] = ()) -> dict[str, Any]:
+                        out_rows: list[list[int]] = (), replay: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """Rows ``prompt + " " + target`` for each of ``prompts`` (the edit rows, scored on the
-    target), then ``out_rows`` (token ids of out-of-scope texts: routed, not scored), right-padded."""
-    edit = encode_pairs(tokenizer, prompts, [target] * len(prompts), max_length)
+    target), then one row ``prompt + " " + target`` per ``replay`` pair (earlier edits, also
+    scored), then ``out_rows`` (token ids of out-of-scope texts: routed, not scored), right-padded."""
+    edit = encode_pairs(tokenizer, list(prompts) + [p for p, _ in replay],
+                        [target] * len(prompts) + [t for _, t in replay], max_length)
     n_edit = edit.input_ids.shape[0]
     rows = n_edit + len(out_rows)
     width = max([edit.input_ids.shape[1], *map(len, out_rows)])
@@ -57,4 +62,5 @@ def prompt_target_batch(tokenizer, prompts: list[str], target: str, max_length: 
         attention_mask[i, : len(ids)] = 1
         route_mask[i, : len(ids)] = True
     return with_loss_indices({"input_ids": input_ids, "attention_mask": attention_mask, "route_mask": route_mask,
-                              "answer_mask": answer_mask, "is_edit": torch.arange(rows) < n_edit})
+                              "answer_mask": answer_mask, "is_edit": torch.arange(rows) < n_edit},
+                             n_own_rows=len(prompts))

@@ -76,6 +76,9 @@ class SideMemory(EditableLayer):
             (ours); with ``retrieve`` a prompt goes to the memory that holds its edit.
         end_answer: train the end of the answer too (the tokenizer's end-of-sequence token after
             the target), so a generated edited answer stops where the model would stop (ours).
+        n_replay: train each edit beside the bare prompts and targets of up to N earlier edits
+            of the same shard (the most recent), so the shard keeps them while it takes new
+            ones (ours; their mean cross-entropy is added to the edit loss).
     """
 
     def __init__(self, lr: float = 1.0, act_ratio: float = 0.88, alpha: float = 5.0, beta: float = 20.0,
@@ -84,10 +87,10 @@ class SideMemory(EditableLayer):
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
                  score_tokens: str = "mean", stack_shards: bool = False, router: PromptRouter | None = None,
-                 end_answer: bool = False):
+                 end_answer: bool = False, n_replay: int = 0):
         super().__init__()
         _check(lr=lr, mask_ratio=mask_ratio, prompt_weight=prompt_weight, n_prefixes=n_prefixes,
-               n_negatives=n_negatives, save_freq=save_freq, merge_freq=merge_freq, merge_method=merge_method,
+               n_negatives=n_negatives, n_replay=n_replay, save_freq=save_freq, merge_freq=merge_freq, merge_method=merge_method,
                score_tokens=score_tokens)
         self.lr, self.act_ratio, self.alpha, self.beta, self.gamma = lr, act_ratio, alpha, beta, gamma
         self.routing_weight, self.prompt_weight, self.mask_ratio = routing_weight, prompt_weight, mask_ratio
@@ -95,6 +98,7 @@ class SideMemory(EditableLayer):
         self.save_freq, self.merge_freq, self.merge_method = save_freq, merge_freq, merge_method
         self.density, self.retrieve, self.n_negatives = density, retrieve, n_negatives
         self.score_tokens, self.stack_shards, self.router, self.end_answer = score_tokens, stack_shards, router, end_answer
+        self.n_replay = n_replay
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, main: nn.Linear, seed: int = 0) -> None:
@@ -117,6 +121,7 @@ class SideMemory(EditableLayer):
         self.prefixes: list[str] | None = None
         self.routing_pool: list[str] | None = None
         self.negatives: deque[list[int]] = deque(maxlen=self.n_negatives)
+        self.shard_edits: list[tuple[str, str]] = []  # (prompt, trained target) of the current shard's edits
         self._generator = torch.Generator().manual_seed(seed)
         self._view: Tensor | None = None  # cached merge of pending shards for inference
         if self.router is not None:
@@ -145,8 +150,14 @@ class SideMemory(EditableLayer):
         out_rows = [tok([text]).input_ids[0][: max_length or None]] + list(self.negatives)
         if self.n_negatives and not retry:
             self.negatives.appendleft(out_rows[0])
-        target = record.target + (tok.eos_token if self.end_answer and tok.eos_token else "")
-        return prompt_target_batch(tok, prompts, target, max_length, out_rows)
+        target = self.trained_target(record, tok)
+        replay = [pair for pair in self.shard_edits if pair[0] != record.prompt][-self.n_replay:] if self.n_replay else []
+        return prompt_target_batch(tok, prompts, target, max_length, out_rows, replay)
+
+    def trained_target(self, record, tokenizer) -> str:
+        """The text an edit trains after its prompt: the target (and with ``end_answer`` the
+        end-of-sequence token)."""
+        return record.target + (tokenizer.eos_token if self.end_answer and tokenizer.eos_token else "")
 
     def generated_routing_text(self, record, module) -> str:
         """An out-of-scope text for a record without a routing prompt: one of
@@ -158,13 +169,16 @@ class SideMemory(EditableLayer):
 
     def losses(self, logits: Tensor, labels: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
         scores, n_first = self.last_scores, batch["n_first"]  # the bare prompt's answer positions come first
+        n_own = batch.get("n_own", len(labels))  # then its prefixed copies', then replayed edits'
         edit_rows, other_rows = batch["edit_rows"].to(scores.device), batch["other_rows"].to(scores.device)
         token_ce = F.cross_entropy(logits.float(), labels, reduction="none")
-        if self.prompt_weight is None or n_first == len(labels):
-            edit_loss = token_ce.mean()
+        if self.prompt_weight is None or n_first == n_own:
+            edit_loss = token_ce[:n_own].mean()
         else:
             w = self.prompt_weight
-            edit_loss = w * token_ce[:n_first].mean() + (1 - w) * token_ce[n_first:].mean()
+            edit_loss = w * token_ce[:n_first].mean() + (1 - w) * token_ce[n_first:n_own].mean()
+        if n_own < len(labels):
+            edit_loss = edit_loss + token_ce[n_own:].mean()
         routing = margin_routing_loss(scores[edit_rows], scores[other_rows], self.alpha, self.beta, self.gamma)
         routing = routing.to(edit_loss.device)
         correct = (logits[:n_first].argmax(-1) == labels[:n_first]).all().float()
@@ -192,6 +206,10 @@ class SideMemory(EditableLayer):
             score = module.trained_score(batch)
             self.record_in_scope(score)
             self.current_losses.append(module.step_stats.get("edit_loss", 0.0))
+            if self.n_replay:
+                pair = (record.prompt, self.trained_target(record, module.tokenizer))
+                kept = [p for p in self.shard_edits if p[0] != record.prompt] + [pair]
+                self.shard_edits = kept[-(self.n_replay + 1):]  # a prompt's own entry is never replayed to it
             if self.router is not None:  # its memory: the current one (the next kept apart, with retrieve)
                 ids = module.tokenizer([record.prompt], return_tensors="pt").input_ids
                 self.router.add(module.prompt_texts(ids)[0], len(self.memories))
@@ -256,7 +274,7 @@ class SideMemory(EditableLayer):
         (WISE), or with ``stack_shards`` where ``W'`` is."""
         self.shards.append(self.side.detach().clone())
         self.shard_losses.append(self._mean_current_loss())
-        self.current_losses = []
+        self.current_losses, self.shard_edits = [], []
         if not self.stack_shards:
             with torch.no_grad():
                 self.side.copy_(self.merged)
@@ -279,7 +297,7 @@ class SideMemory(EditableLayer):
             self.memory_scales.append(self.period_min if self.period_min is not None else 1.0)
             merged, self.period_min = self.main.weight.detach().float().clone(), None
         self.merged, self.shards, self._view = merged, [], None
-        self.shard_losses, self.current_losses = [], []
+        self.shard_losses, self.current_losses, self.shard_edits = [], [], []
         with torch.no_grad():
             self.side.copy_(merged)
         self.release_masks()
@@ -337,7 +355,8 @@ class SideMemory(EditableLayer):
                 "prefixes": self.prefixes, "routing_pool": self.routing_pool,
                 "generator_state": self._generator.get_state().tolist(),
                 "shard_losses": self.shard_losses, "current_losses": self.current_losses,
-                "negatives": [list(ids) for ids in self.negatives]}
+                "negatives": [list(ids) for ids in self.negatives],
+                "shard_edits": [list(pair) for pair in self.shard_edits]}
         if self.router is not None:
             keys, keyed = self.router.state()
             tensors.update(keys)
@@ -360,6 +379,7 @@ class SideMemory(EditableLayer):
         self.shard_losses, self.current_losses = list(meta.get("shard_losses", [])), list(meta.get("current_losses", []))
         self.negatives.clear()
         self.negatives.extend(meta.get("negatives", []))
+        self.shard_edits = [tuple(pair) for pair in meta.get("shard_edits", [])]
         if self.router is not None:
             self.router.load_state(tensors, meta)
         self.invalidate()
@@ -370,7 +390,7 @@ class SideMemory(EditableLayer):
             self.side.copy_(weight)
         self.merged, self.shards, self.memories, self.memory_scales = weight.clone(), [], [], []
         self.min_in_scope = self.period_min = None
-        self.shard_losses, self.current_losses = [], []
+        self.shard_losses, self.current_losses, self.shard_edits = [], [], []
         self.negatives.clear()
         if self.router is not None:
             self.router.reset()
@@ -461,7 +481,7 @@ ROUTING_STARTS = ("The", "In", "A", "It", "This", "When", "There", "One")
 def _check(**options) -> None:
     """Start-up checks of options that would otherwise fail deep inside a run; errors name the option."""
     for key, value in options.items():
-        if key in ("n_prefixes", "n_negatives"):
+        if key in ("n_prefixes", "n_negatives", "n_replay"):
             bad, want = not isinstance(value, int) or value < 0, "an integer >= 0"
         elif key in ("save_freq", "merge_freq"):
             bad, want = value is not None and (not isinstance(value, int) or value < 1), "a positive integer or null"
