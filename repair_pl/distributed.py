@@ -26,7 +26,7 @@ from repair_pl.checkpoint import write_file_atomic, write_json_atomic
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import evaluate_records
 from repair_pl.generation import GenerationCheck, generation_scores, generation_summary
-from repair_pl.lifelong import _markdown, _report, run_lifelong
+from repair_pl.lifelong import _markdown, _report, chunk_spread, run_lifelong
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -136,7 +136,8 @@ def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path,
     n = len(records)
     summary = {"method": module.method, "dataset": dataset, "T": T, "n_edits": n, "pre": pre, "post": post,
                "seconds_per_edit": sum(p["seconds"] for p in parts) / n, "steps_per_edit": sum(p["steps"] for p in parts) / n,
-               "n_failed": sum(p["n_failed"] for p in parts), "interventions": interventions, "world_size": world}
+               "n_failed": sum(p["n_failed"] for p in parts), "interventions": interventions, "world_size": world,
+               **chunk_spread([r for _, r in order], T)}  # rank 0's, as one process reports it
     if generation is not None:
         summary["generation"] = generation_summary(module.tokenizer, generation)
     if rank == 0:

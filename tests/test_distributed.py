@@ -65,6 +65,11 @@ def test_two_gloo_processes_give_the_single_process_metrics(tmp_path):
             assert math.isclose(summary[stage][key], value, rel_tol=1e-5), (stage, key)
     assert summary["world_size"] == 2 and summary["n_edits"] == 5
     assert summary["steps_per_edit"] == pytest.approx(single["steps_per_edit"])
+    # the spread over chunks, as one process reports it (3 chunks of T=2 here)
+    assert len(summary["chunks"]) == len(single["chunks"]) == 3
+    for key, spread in single["chunk_spread"].items():
+        for stat in ("mean", "std", "min", "max"):
+            assert math.isclose(summary["chunk_spread"][key][stat], spread[stat], rel_tol=1e-5, abs_tol=1e-9), key
     # rank 0 writes the whole stream's cases in order, equal case by case to one process's
     merged = json.loads((tmp_path / "ddp" / "results.json").read_text())
     alone = json.loads((tmp_path / "one" / "results.json").read_text())
