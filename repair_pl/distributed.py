@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -152,13 +153,21 @@ def run_lifelong_sharded(module, records: list[EditRecord], out_dir: str | Path,
     return summary
 
 
+RANK_WAIT = timedelta(days=2)
+"""How long a process waits at a collective for the others: a rank that has edited its chunks waits
+at the final gather while the others edit theirs (ranks with one chunk fewer wait a whole chunk,
+longer than the process group's default 30 minutes)."""
+
+
 def launch(accelerator: str = "auto", devices: int | str = "auto", num_nodes: int = 1):
     """Start the processes and the process group with Lightning Fabric's ``ddp`` strategy (the
     script is re-run once per extra device, as ``Trainer(strategy="ddp")`` does) and return the
     Fabric; ``fabric.device`` is this process's device."""
     from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
 
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                    strategy=DDPStrategy(timeout=RANK_WAIT))
     fabric.launch()
     return fabric
 

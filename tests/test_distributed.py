@@ -9,7 +9,7 @@ import torch
 
 from repair_pl import EditRecord, RepairModule
 from repair_pl.presets import preset
-from repair_pl.distributed import chunk_indices, evaluate_sharded, run_lifelong_sharded, shutdown
+from repair_pl.distributed import RANK_WAIT, chunk_indices, evaluate_sharded, launch, run_lifelong_sharded, shutdown
 from repair_pl.evaluate import evaluate_records
 from repair_pl.generation import GenerationCheck
 from repair_pl.lifelong import run_lifelong
@@ -77,3 +77,22 @@ def test_two_gloo_processes_give_the_single_process_metrics(tmp_path):
     for key in ("rewrite_acc", "rephrase_acc", "locality", "gen"):  # token accuracies, generations: exactly equal
         assert [c["post"][key] for c in merged] == [c["post"][key] for c in alone]
     assert (tmp_path / "ddp" / "rank1" / "results.json").exists()
+
+
+def test_ranks_wait_for_each_other_longer_than_a_chunk(monkeypatch):
+    """A rank with one chunk fewer waits a whole chunk at the final gather: gloo's default 30
+    minutes ended such runs."""
+    import lightning.fabric
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def launch(self):
+            pass
+
+    monkeypatch.setattr(lightning.fabric, "Fabric", Recorder)
+    launch("cpu", 2)
+    assert seen["strategy"]._timeout == RANK_WAIT and RANK_WAIT.total_seconds() > 24 * 3600
