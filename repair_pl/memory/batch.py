@@ -25,16 +25,15 @@ def flat_indices(mask: Tensor) -> Tensor:
     return mask.flatten().nonzero().squeeze(1)
 
 
-def with_loss_indices(batch: dict[str, Tensor], n_own_rows: int | None = None) -> dict[str, Any]:
+def with_loss_indices(batch: dict[str, Tensor], n_own_rows: int) -> dict[str, Any]:
     """Add what the losses select with: ``positions`` (flat indices of the positions that
     predict an answer token), their ``labels``, ``n_first`` (how many belong to the first row,
     the bare prompt), ``n_own`` (how many belong to the first ``n_own_rows`` rows, the edit's
     own; the rest are replayed edits) and the ``edit_rows`` / ``other_rows`` indices."""
     mask = predicting(batch["answer_mask"])
     is_edit = batch["is_edit"]
-    n_own = int(mask[:n_own_rows].sum()) if n_own_rows is not None else int(mask.sum())
     return {**batch, "positions": flat_indices(mask), "labels": batch["input_ids"][:, 1:][mask[:, :-1]],
-            "n_first": int(mask[0].sum()), "n_own": n_own, "edit_rows": flat_indices(is_edit),
+            "n_first": int(mask[0].sum()), "n_own": int(mask[:n_own_rows].sum()), "edit_rows": flat_indices(is_edit),
             "other_rows": flat_indices(~is_edit)}
 
 

@@ -169,7 +169,7 @@ class SideMemory(EditableLayer):
 
     def losses(self, logits: Tensor, labels: Tensor, batch: dict[str, Any]) -> dict[str, Tensor]:
         scores, n_first = self.last_scores, batch["n_first"]  # the bare prompt's answer positions come first
-        n_own = batch.get("n_own", len(labels))  # then its prefixed copies', then replayed edits'
+        n_own = batch["n_own"]  # then its prefixed copies', then replayed edits'
         edit_rows, other_rows = batch["edit_rows"].to(scores.device), batch["other_rows"].to(scores.device)
         token_ce = F.cross_entropy(logits.float(), labels, reduction="none")
         if self.prompt_weight is None or n_first == n_own:
