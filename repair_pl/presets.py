@@ -91,9 +91,8 @@ def preset(method: str = "repair", base: dict[str, Any] | None = None, **options
 
 
 def _current_args(obj) -> dict[str, Any]:
-    from repair_pl.memory.base import init_args
-
-    return init_args(obj)
+    """``obj``'s ``__init__`` arguments as it holds them (parts such as a router stay objects)."""
+    return {name: getattr(obj, name) for name in _params(type(obj))}
 
 
 def _component_class(name: str):

@@ -120,3 +120,17 @@ def test_shards_kept_apart_become_memories_of_their_own_that_their_prompts_reach
     assert changed == [True, True, True]
     with pytest.raises(ValueError, match="shards_apart .* needs model.memory.retrieve true"):
         routing_module(shards_apart=True)
+
+
+def test_preset_options_keep_the_memorys_router():
+    """Changing a memory option with ``preset`` rebuilds the memory with its router (a
+    PromptRouter, not its serialised class_path form, which the memory cannot bind)."""
+    from repair_pl.memory import SideMemory
+    from repair_pl.presets import preset
+
+    router = PromptRouter(threshold=0.6, encoder="hash:64")
+    base = preset("repair")
+    base["memory"] = SideMemory(router=router, retrieve=True, n_replay=3)
+    kwargs = preset("repair", base=base, n_replay=5, n_prefixes=2)
+    assert isinstance(kwargs["memory"].router, PromptRouter) and kwargs["memory"].router.threshold == 0.6
+    assert (kwargs["memory"].n_replay, kwargs["memory"].n_prefixes, kwargs["memory"].retrieve) == (5, 2, True)
