@@ -418,3 +418,66 @@ def test_replay_keeps_only_the_most_recent_edits_and_survives_a_resume(tmp_path)
     assert fresh.memory.shard_edits == module.memory.shard_edits
     with pytest.raises(ValueError, match="SideMemory.n_replay"):
         make(n_replay=-1)
+
+
+C = EditRecord("sky color?", "red", routing_prompt="nothing at all")
+D = EditRecord("best pet?", "cat", routing_prompt="plain words")
+
+
+def planned_module(**kwargs) -> RepairModule:
+    """REPAIR whose shards' edits are each trained beside the shard's other planned edits."""
+    return make("repair", **{"n_replay": 3, "cluster_size": 2, "train_ahead": True, "error_feedback": False, **kwargs})
+
+
+def test_train_ahead_trains_the_shards_planned_edits_from_its_first_fit():
+    # the tiny model's losses settle around 1-3: stop once the target is predicted below 3
+    module = planned_module(cluster_size=4, routing_weight=0.0, stop_loss=3.0)
+    dist = module.components.distribution_aware
+    order = dist.on_edit_batch_start(module, [A, B, C, D])
+    (first, *rest), = dist.plan  # one shard of four
+    assert order[0] is first
+    batch = module.prepare_edit(first)
+    n_own_rows = 1 + module.memory.n_prefixes
+    # the first edit of the shard is trained beside the three to come: they are not made yet
+    assert int(batch["is_edit"].sum()) == n_own_rows + 3 and batch["replay_weight"] == 3.0
+    rows = [module.tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()])
+            for i in range(n_own_rows, n_own_rows + 3)]
+    assert rows == [module.tokenizer.decode(encode_pairs(module.tokenizer, [r.prompt], [r.target]).input_ids[0])
+                    for r in rest]
+    planned, module.memory.planned = module.memory.planned, []
+    plain = module.prepare_edit(first)  # without the plan: the edit's own rows only
+    module.memory.planned = planned
+    module.memory.mode = "edit"
+    with torch.no_grad():
+        out, own = module.edit_losses(batch), float(module.edit_losses(plain)["edit_loss"])
+    module.memory.mode = "route"
+    replayed = float(out["edit_loss"]) - own  # early stop and divergence read the mean planned edit ...
+    assert replayed > 0
+    assert float(out["loss"]) == pytest.approx(own + 3 * replayed, rel=1e-4)  # ... the gradient weighs each as the edit
+    results = list(module.edit_stream([A, B, C, D], progress=False))
+    assert all(r.success and r.target_reached for _, r in results)
+    # the shard's first fit learnt the others: their own fits only confirm them
+    steps = [r.steps for _, r in results]
+    assert max(steps[1:]) < steps[0]
+    assert module.memory.planned == []
+
+
+def test_a_planned_edit_that_fails_is_undone_alone_and_dropped_from_its_shards_plan():
+    hard = EditRecord("zzz?", "a long target the tiny model cannot reach in one step", routing_prompt="other words")
+    module = planned_module(routing_weight=0.0, stop_loss=3.0)
+    first, second = A, hard
+    module.memory.plan_replay([first, second], module.tokenizer)
+    assert int(module.prepare_edit(first)["is_edit"].sum()) == 1 + module.memory.n_prefixes + 1  # trained ahead
+    assert module.edit(first).success
+    before = module.memory.side.detach().clone()
+    module.hparams.max_steps = 1
+    result = module.edit(second)
+    assert not result.success  # reported as failed ...
+    assert torch.equal(module.memory.side, before)  # ... and undone alone: the first edit's change stays
+    assert second.prompt not in [p for p, _ in module.memory.planned + module.memory.shard_edits]
+    assert int(module.prepare_edit(first)["is_edit"].sum()) == 1 + module.memory.n_prefixes  # nothing left to replay
+
+
+def test_train_ahead_needs_replay():
+    with pytest.raises(ValueError, match="train_ahead.*n_replay"):
+        make("repair", cluster_size=2, train_ahead=True)

@@ -30,11 +30,17 @@ class DistributionAwareMemory(EditStreamCallback):
             (ours): an edit then meets no other shard's change at inference. Needs a side memory
             that keeps memories apart and routes to the one that holds an edit (``retrieve`` and a
             ``router``); masks then need not be disjoint.
+        train_ahead: hand the memory each shard's planned edits (``SideMemory.plan_replay``), so
+            every edit of a shard is trained beside all the others, those to come included: the
+            shard's first fit learns the whole cluster at once and the later fits mostly confirm
+            their own edit in a few steps (ours). Needs the memory's ``n_replay`` >= ``cluster_size``
+            - 1 to cover a whole shard. Each edit is still its own fit: its success, rollback and
+            re-edit are its own, and an edit that fails is dropped from its shard's plan.
     """
 
     def __init__(self, cluster_size: int = 5, n_clusters: int | None = None, cluster_method: str = "kmeans",
                  heterogeneous: bool = False, disjoint_masks: bool = True, loss_aware_merge: bool = True,
-                 merge_eps: float = 0.05, shards_apart: bool = False):
+                 merge_eps: float = 0.05, shards_apart: bool = False, train_ahead: bool = False):
         if cluster_method not in CLUSTER_METHODS:
             raise ValueError(f"DistributionAwareMemory.cluster_method must be one of {CLUSTER_METHODS}, "
                              f"got {cluster_method!r}")
@@ -43,12 +49,16 @@ class DistributionAwareMemory(EditStreamCallback):
         self.cluster_size, self.n_clusters, self.cluster_method = cluster_size, n_clusters, cluster_method
         self.heterogeneous, self.disjoint_masks = heterogeneous, disjoint_masks
         self.loss_aware_merge, self.merge_eps, self.shards_apart = loss_aware_merge, merge_eps, shards_apart
+        self.train_ahead = train_ahead
 
     def bind(self, module) -> None:
         memory = module.memory
         if self.shards_apart and not (memory.retrieve and memory.router is not None):
             raise ValueError("DistributionAwareMemory.shards_apart keeps each shard as a memory of its own: it needs "
                              "model.memory.retrieve true and a model.memory.router (to reach the right one)")
+        if self.train_ahead and not getattr(memory, "n_replay", 0):
+            raise ValueError("DistributionAwareMemory.train_ahead trains each edit beside its shard's other edits: "
+                             "it needs model.memory.n_replay >= cluster_size - 1 (it is 0)")
         memory.disjoint = self.disjoint_masks and not self.shards_apart
         self.shard_ends: set[int] = set()
         self.plan: list[list] = []
@@ -66,6 +76,7 @@ class DistributionAwareMemory(EditStreamCallback):
             ends.add(total)
         self.shard_ends, self._done = ends, 0
         module.shard_plan = self.plan
+        self._plan_next_shard(module, 0)
         return [r for group in self.plan for r in group]
 
     def on_edit_end(self, module, record, result) -> None:
@@ -77,6 +88,11 @@ class DistributionAwareMemory(EditStreamCallback):
                 module.memory.merge_shards()
             else:
                 module.memory.save_shard()
+            self._plan_next_shard(module, sum(end <= self._done for end in self.shard_ends))
+
+    def _plan_next_shard(self, module, index: int) -> None:
+        if self.train_ahead and index < len(self.plan):
+            module.memory.plan_replay(self.plan[index], module.tokenizer)
 
     def on_edit_batch_end(self, module, records: list, results: list) -> None:
         module.memory.merge_shards(loss_aware=self.loss_aware_merge, eps=self.merge_eps)

@@ -78,7 +78,9 @@ class SideMemory(EditableLayer):
             the target), so a generated edited answer stops where the model would stop (ours).
         n_replay: train each edit beside the bare prompts and targets of up to N earlier edits
             of the same shard (the most recent), so the shard keeps them while it takes new
-            ones (ours; their mean cross-entropy is added to the edit loss).
+            ones (ours; their mean cross-entropy is added to the edit loss). With a plan for the
+            shard (:meth:`plan_replay`) the edits still to come are trained too, each weighing in
+            the gradient as much as the edit itself.
     """
 
     def __init__(self, lr: float = 1.0, act_ratio: float = 0.88, alpha: float = 5.0, beta: float = 20.0,
@@ -122,6 +124,7 @@ class SideMemory(EditableLayer):
         self.routing_pool: list[str] | None = None
         self.negatives: deque[list[int]] = deque(maxlen=self.n_negatives)
         self.shard_edits: list[tuple[str, str]] = []  # (prompt, trained target) of the current shard's edits
+        self.planned: list[tuple[str, str]] = []  # those planned for it and not yet made (plan_replay)
         self._generator = torch.Generator().manual_seed(seed)
         self._view: Tensor | None = None  # cached merge of pending shards for inference
         if self.router is not None:
@@ -151,8 +154,26 @@ class SideMemory(EditableLayer):
         if self.n_negatives and not retry:
             self.negatives.appendleft(out_rows[0])
         target = self.trained_target(record, tok)
-        replay = [pair for pair in self.shard_edits if pair[0] != record.prompt][-self.n_replay:] if self.n_replay else []
-        return prompt_target_batch(tok, prompts, target, max_length, out_rows, replay)
+        replay = self.replayed(record.prompt)
+        batch = prompt_target_batch(tok, prompts, target, max_length, out_rows, replay)
+        # planned edits are still to be learnt, not only kept: each weighs as much as the edit
+        batch["replay_weight"] = float(len(replay)) if self.planned and replay else 1.0
+        return batch
+
+    def replayed(self, prompt: str) -> list[tuple[str, str]]:
+        """The (prompt, target) pairs trained beside the edit of ``prompt``: the shard's edits
+        made so far, then those planned for it (:meth:`plan_replay`), the last ``n_replay``."""
+        if not self.n_replay:
+            return []
+        done = {p for p, _ in self.shard_edits}
+        pairs = self.shard_edits + [pair for pair in self.planned if pair[0] not in done]
+        return [pair for pair in pairs if pair[0] != prompt][-self.n_replay:]
+
+    def plan_replay(self, records, tokenizer) -> None:
+        """The edits planned for the current shard (REPAIR's distribution-aware memory with
+        ``train_ahead``): each edit of the shard is then also trained on those still to come, so
+        the shard's first fit learns them all and later fits mostly confirm their own."""
+        self.planned = [(r.prompt, self.trained_target(r, tokenizer)) for r in records]
 
     def trained_target(self, record, tokenizer) -> str:
         """The text an edit trains after its prompt: the target (and with ``end_answer`` the
@@ -177,12 +198,14 @@ class SideMemory(EditableLayer):
         else:
             w = self.prompt_weight
             edit_loss = w * token_ce[:n_first].mean() + (1 - w) * token_ce[n_first:n_own].mean()
-        if n_own < len(labels):
-            edit_loss = edit_loss + token_ce[n_own:].mean()
+        trained = edit_loss
+        if n_own < len(labels):  # edit_loss (early stop, divergence) counts the mean replayed edit
+            replayed = token_ce[n_own:].mean()
+            edit_loss, trained = edit_loss + replayed, edit_loss + batch["replay_weight"] * replayed
         routing = margin_routing_loss(scores[edit_rows], scores[other_rows], self.alpha, self.beta, self.gamma)
         routing = routing.to(edit_loss.device)
         correct = (logits[:n_first].argmax(-1) == labels[:n_first]).all().float()
-        return {"loss": edit_loss + self.routing_weight * routing, "edit_loss": edit_loss, "routing_loss": routing,
+        return {"loss": trained + self.routing_weight * routing, "edit_loss": edit_loss, "routing_loss": routing,
                 "in_scope": scores[0].detach(), "out_scope": scores[other_rows].max().detach(),
                 "target_correct": correct}
 
@@ -202,6 +225,7 @@ class SideMemory(EditableLayer):
 
     def finish_edit(self, record, batch: dict[str, Any], module, success: bool) -> float:
         score = float("nan")
+        self.planned = [pair for pair in self.planned if pair[0] != record.prompt]  # made, or undone
         if success:
             score = module.trained_score(batch)
             self.record_in_scope(score)
@@ -274,7 +298,7 @@ class SideMemory(EditableLayer):
         (WISE), or with ``stack_shards`` where ``W'`` is."""
         self.shards.append(self.side.detach().clone())
         self.shard_losses.append(self._mean_current_loss())
-        self.current_losses, self.shard_edits = [], []
+        self.current_losses, self.shard_edits, self.planned = [], [], []
         if not self.stack_shards:
             with torch.no_grad():
                 self.side.copy_(self.merged)
@@ -297,7 +321,7 @@ class SideMemory(EditableLayer):
             self.memory_scales.append(self.period_min if self.period_min is not None else 1.0)
             merged, self.period_min = self.main.weight.detach().float().clone(), None
         self.merged, self.shards, self._view = merged, [], None
-        self.shard_losses, self.current_losses, self.shard_edits = [], [], []
+        self.shard_losses, self.current_losses, self.shard_edits, self.planned = [], [], [], []
         with torch.no_grad():
             self.side.copy_(merged)
         self.release_masks()
@@ -356,7 +380,7 @@ class SideMemory(EditableLayer):
                 "generator_state": self._generator.get_state().tolist(),
                 "shard_losses": self.shard_losses, "current_losses": self.current_losses,
                 "negatives": [list(ids) for ids in self.negatives],
-                "shard_edits": [list(pair) for pair in self.shard_edits]}
+                "shard_edits": [list(pair) for pair in self.shard_edits], "planned": [list(p) for p in self.planned]}
         if self.router is not None:
             keys, keyed = self.router.state()
             tensors.update(keys)
@@ -380,6 +404,7 @@ class SideMemory(EditableLayer):
         self.negatives.clear()
         self.negatives.extend(meta.get("negatives", []))
         self.shard_edits = [tuple(pair) for pair in meta.get("shard_edits", [])]
+        self.planned = [tuple(pair) for pair in meta.get("planned", [])]
         if self.router is not None:
             self.router.load_state(tensors, meta)
         self.invalidate()
@@ -390,7 +415,7 @@ class SideMemory(EditableLayer):
             self.side.copy_(weight)
         self.merged, self.shards, self.memories, self.memory_scales = weight.clone(), [], [], []
         self.min_in_scope = self.period_min = None
-        self.shard_losses, self.current_losses, self.shard_edits = [], [], []
+        self.shard_losses, self.current_losses, self.shard_edits, self.planned = [], [], [], []
         self.negatives.clear()
         if self.router is not None:
             self.router.reset()
