@@ -24,7 +24,11 @@ def test_the_lists_cover_every_weight_editing_config():
     rest = {p.name for p in CONFIGS.glob("*.yaml")} - named
     assert rest == {"eren_cfh.yaml", "eren_zsre.yaml", "eren_fever.yaml", "sweep_wandb.yaml", "wandb.yaml"} - {
         n for n in ("eren_fever.yaml",) if not (CONFIGS / n).exists()}
-    assert {p.stem for p in CONFIGS.glob("methods/*.yaml")} == set(METHODS) - {"repair"}
+    methods = {p.stem: yaml.safe_load(p.read_text())["model"]["method"] for p in OVERLAYS}
+    assert set(methods.values()) <= set(METHODS)
+    # every method but REPAIR (the dataset configs) has its overlay, named after it; REPAIR's variants say so
+    assert {m for stem, m in methods.items() if stem == m} == set(METHODS) - {"repair"}
+    assert all(stem.startswith(m) for stem, m in methods.items())
 
 
 def build(*configs: Path) -> RepairModule:
