@@ -79,8 +79,8 @@ class SideMemory(EditableLayer):
         n_replay: train each edit beside the bare prompts and targets of up to N earlier edits
             of the same shard (the most recent), so the shard keeps them while it takes new
             ones (ours; their mean cross-entropy is added to the edit loss). With a plan for the
-            shard (:meth:`plan_replay`) the edits still to come are trained too, each weighing in
-            the gradient as much as the edit itself.
+            shard (:meth:`plan_replay`) the edits still to come are trained too, and every replayed
+            edit weighs in the gradient as much as the edit itself.
     """
 
     def __init__(self, lr: float = 1.0, act_ratio: float = 0.88, alpha: float = 5.0, beta: float = 20.0,
@@ -156,7 +156,7 @@ class SideMemory(EditableLayer):
         target = self.trained_target(record, tok)
         replay = self.replayed(record.prompt)
         batch = prompt_target_batch(tok, prompts, target, max_length, out_rows, replay)
-        # planned edits are still to be learnt, not only kept: each weighs as much as the edit
+        # with a plan, replayed edits are still to be learnt, not only kept: each weighs as much as the edit
         batch["replay_weight"] = float(len(replay)) if self.planned and replay else 1.0
         return batch
 
