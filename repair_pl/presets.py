@@ -91,8 +91,9 @@ def preset(method: str = "repair", base: dict[str, Any] | None = None, **options
 
 
 def _current_args(obj) -> dict[str, Any]:
-    """``obj``'s ``__init__`` arguments as it holds them (parts such as a router stay objects)."""
-    return {name: getattr(obj, name) for name in _params(type(obj))}
+    from repair_pl.memory.base import held_args
+
+    return held_args(obj)
 
 
 def _component_class(name: str):

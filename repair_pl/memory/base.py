@@ -141,12 +141,17 @@ def lr_tagged(optimizer: torch.optim.Optimizer, lr: float) -> torch.optim.Optimi
     return optimizer
 
 
-def init_args(obj: Any) -> dict[str, Any]:
-    """The ``__init__`` arguments of ``obj`` as stored on it (a memory or component), by name; a
-    part of the package inside them (a memory's router) as its own ``class_path``/``init_args``."""
+def held_args(obj: Any) -> dict[str, Any]:
+    """The ``__init__`` arguments of ``obj`` (a memory or component) as stored on it, by name;
+    parts such as a memory's router stay objects (what building it again takes)."""
     names = [p for p in inspect.signature(type(obj).__init__).parameters if p != "self"]
-    values = {name: getattr(obj, name) for name in names}
-    return {k: class_config(v) if type(v).__module__.startswith("repair_pl.") else v for k, v in values.items()}
+    return {name: getattr(obj, name) for name in names}
+
+
+def init_args(obj: Any) -> dict[str, Any]:
+    """:func:`held_args` for a config: a part of the package inside them (a memory's router) as
+    its own ``class_path``/``init_args``."""
+    return {k: class_config(v) if type(v).__module__.startswith("repair_pl.") else v for k, v in held_args(obj).items()}
 
 
 def class_config(obj: Any) -> dict[str, Any]:
