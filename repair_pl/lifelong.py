@@ -135,11 +135,16 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                 info["retries"] += int(result.retry)
                 state["steps"] += result.steps
                 now = time.perf_counter()
+                if not result.retry:
+                    # a block ends where the next block's first fit begins: its batch's re-checks and
+                    # re-edits (REPAIR's error feedback) count in it, not in the next block
+                    began = max(clock, now - result.seconds)
+                    state["seconds"] += began - clock
+                    clock = began
+                    _note_block(state)
+                    state["edited"] += 1
                 state["seconds"] += now - clock
                 clock = now
-                if not result.retry:
-                    state["edited"] += 1
-                    _note_block(state)
                 if logger is not None:
                     logger.log_metrics({"edit/loss": result.loss, "edit/edit_loss": result.edit_loss,
                                         "edit/routing_loss": result.routing_loss, "edit/steps": result.steps,
@@ -155,6 +160,7 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
                                      "steps": result.steps}, refresh=False)
                     bar.update(1)
             state["seconds"] += time.perf_counter() - clock  # the batch's last merge and re-checks
+            _note_block(state)
             state["position"] = min(first + (segment or len(chunk)), len(chunk))
             if checkpoint is not None and state["position"] < len(chunk) and \
                     state["position"] - saved_at >= checkpoint_every:
@@ -212,10 +218,11 @@ wall seconds per edit and peak RSS; a last entry holds the seconds after the las
 
 
 def _note_block(state: dict) -> None:
-    """At every ``BLOCK``-th edit of the run: its wall seconds per edit since the last block
-    and the process's peak memory so far (what a long stream reports)."""
+    """Close the block of edits just finished, if ``BLOCK`` edits have been made since the last
+    one: its wall seconds per edit and the process's peak memory so far (what a long stream
+    reports). Called at the end of each edit segment and before each new edit's fit."""
     done = state["edited"]
-    if done % BLOCK:
+    if not done or done % BLOCK or (state["blocks"] and state["blocks"][-1]["edits"] >= done):
         return
     import resource
 

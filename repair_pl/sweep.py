@@ -338,8 +338,9 @@ def stream_table(rows: Sequence[dict]) -> list[str]:
     if not timelines:
         return []
     text = ["## Long streams", "",
-            "Editing wall time (evaluation apart) and, per block of edits, seconds per edit; peak RSS of the "
-            "process after the first and the last full block.", "",
+            "Editing wall time (evaluation apart) and, per block of edits, seconds per edit (with the re-checks "
+            "and re-edits that follow the block's last edit); peak RSS of the process after the first and the "
+            "last full block.", "",
             "| dataset | method | T | n | editing time | s/edit per block | peak RSS (MB), first / last block |",
             "|---|---|---|---|---|---|---|"]
     for r, blocks in timelines:

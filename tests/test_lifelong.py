@@ -3,6 +3,7 @@ evaluation, the memory reset between chunks, locality scored against the unedite
 predictions for the same records, and summary.json written last."""
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,9 +39,10 @@ class ScriptedModule:
 
     method = "scripted"
 
-    def __init__(self, records, damaged=(), die_at_edit: int | None = None):
+    def __init__(self, records, damaged=(), die_at_edit: int | None = None, batch_end: tuple[int, float] | None = None):
         self.records = {r.case_id: r for r in records}
         self.damaged, self.die_at_edit = set(damaged), die_at_edit
+        self.batch_end = batch_end  # (n, s): after every n edits, s seconds of re-checks around one re-edit
         self.tokenizer = char_tokenizer()
         self.hparams = AttributeDict(eval_batch_size=3, max_length=None, edit_batch_size=1, model=None)
         self.device = torch.device("cpu")
@@ -60,9 +62,14 @@ class ScriptedModule:
                 raise Killed
             self.memory.append(record.case_id)
             self.events.append(("edit", record.case_id))
-            yield record, SimpleNamespace(steps=2, seconds=0.01, loss=0.0, edit_loss=0.0, routing_loss=0.0,
-                                          in_scope_score=1.0, success=True, retry=False, lr=1.0, intervention=None,
-                                          target_reached=True)
+            result = SimpleNamespace(steps=2, seconds=0.01, loss=0.0, edit_loss=0.0, routing_loss=0.0,
+                                     in_scope_score=1.0, success=True, retry=False, lr=1.0, intervention=None,
+                                     target_reached=True)
+            yield record, result
+            if self.batch_end is not None and self.n_edits % self.batch_end[0] == 0:
+                time.sleep(self.batch_end[1] / 2)
+                yield record, SimpleNamespace(**{**vars(result), "retry": True})
+                time.sleep(self.batch_end[1] / 2)
 
     def logits_fn(self, edited=True):
         def ids(text):
@@ -209,3 +216,12 @@ def test_a_long_run_reports_seconds_per_edit_and_peak_memory_per_block_of_edits(
     assert rest["edits"] == 7 and rest["rest_after"] == 6 and rest["seconds"] >= 0  # edit 7 and the end of its batch
     total = sum(b["seconds_per_edit"] * 3 for b in blocks) + rest["seconds"]
     assert total == pytest.approx(summary["seconds_per_edit"] * 7)  # the blocks add up to the run's editing time
+
+
+def test_a_block_holds_the_re_checks_and_re_edits_that_follow_its_last_edit(tmp_path, monkeypatch):
+    monkeypatch.setattr(lifelong, "BLOCK", 3)
+    module = ScriptedModule(RECORDS, batch_end=(3, 0.2))  # edits are instant; each batch of 3 ends in 0.2 s
+    *blocks, rest = run_lifelong(module, RECORDS[:6], tmp_path, T=6, progress=False)["blocks"]
+    assert [b["edits"] for b in blocks] == [3, 6]
+    assert all(0.18 <= b["seconds_per_edit"] * 3 < 0.3 for b in blocks)  # its own batch's end, not the one before
+    assert rest["seconds"] < 0.05
