@@ -316,7 +316,7 @@ class RepairModule(L.LightningModule):
             self._lower = self.lower_states(batch)
         out = self.edit_losses(batch, self._lower)
         # Share the step's numbers with callbacks (they decide decay, stopping and rollback).
-        self.step_stats = StepStats({k: out[k] for k in STEP_STATS + OPTIONAL_STEP_STATS if k in out})
+        self.step_stats = StepStats({k: out[k] for k in STEP_STATS})
         if self.trainer.loggers:  # self.log costs ~5 ms a step; the per-edit fits have no logger
             self.log_dict({f"edit/{k}": v for k, v in self.step_stats.items()}, on_step=True, prog_bar=False,
                           logger=True)
@@ -650,7 +650,6 @@ def _first_rows(obj, batch_size: int, rows: int):
 
 
 STEP_STATS = ("loss", "edit_loss", "routing_loss", "in_scope", "out_scope", "target_correct")
-OPTIONAL_STEP_STATS = ("replay_correct",)  # whether the replayed edits already made are still predicted
 
 
 class StepStats(Mapping):

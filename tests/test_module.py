@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from repair_pl.data import EditRecord
-from repair_pl.evaluate import encode_pairs, predict_answers
+from repair_pl.evaluate import encode_pairs
 from repair_pl.merge import ties_merge
 from repair_pl.module import RepairModule
 from repair_pl.presets import preset
@@ -33,14 +33,6 @@ def target_loss(module: RepairModule, record: EditRecord, edited: bool = True) -
     module.memory.mode = "route"
     labels = batch.input_ids[:, 1:].masked_fill(~batch.answer_mask[:, 1:], -100)
     return float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0], ignore_index=-100))
-
-
-def target_predicted(module: RepairModule, record: EditRecord) -> bool:
-    """Whether every target token of ``record`` is predicted (teacher-forced) in the memory's mode."""
-    batch = encode_pairs(module.tokenizer, [record.prompt], [record.target])
-    with torch.no_grad():
-        preds, target, mask = predict_answers(module, batch)
-    return bool(((preds == target) | ~mask).all())
 
 
 def route_choice(module: RepairModule, prompt: str) -> int:
@@ -466,7 +458,7 @@ def test_train_ahead_trains_the_shards_planned_edits_from_its_first_fit():
     assert all(r.success and r.target_reached for _, r in results)
     # the shard's first fit learnt the others: their own fits only confirm them
     steps = [r.steps for _, r in results]
-    assert sum(steps[1:]) / len(steps[1:]) < steps[0]
+    assert max(steps[1:]) < steps[0]
     assert module.memory.planned == []
 
 
@@ -484,31 +476,6 @@ def test_a_planned_edit_that_fails_is_undone_alone_and_dropped_from_its_shards_p
     assert torch.equal(module.memory.side, before)  # ... and undone alone: the first edit's change stays
     assert second.prompt not in [p for p, _ in module.memory.planned + module.memory.shard_edits]
     assert int(module.prepare_edit(first)["is_edit"].sum()) == 1 + module.memory.n_prefixes  # nothing left to replay
-
-
-def test_a_fit_stops_only_once_the_shards_edits_already_made_are_still_predicted():
-    # a loose stop loss: the mean replayed loss alone lets a made edit be lost (fails without the check)
-    module = planned_module(cluster_size=4, routing_weight=0.0, stop_loss=3.0)
-    order = module.components.distribution_aware.on_edit_batch_start(module, [A, B, C, D])
-    made = []
-    for record in order[:-1]:  # the last edit closes the shard: its weights leave "edit" mode
-        assert module.edit(record).success
-        made.append(record)
-        with module.memory_mode("edit"):  # the shard's weights on every sequence: routing is not tested here
-            assert [r.prompt for r in made if not target_predicted(module, r)] == []
-
-
-def test_an_early_stopped_fit_keeps_the_weights_its_last_step_checked():
-    module = planned_module(cluster_size=4, routing_weight=0.0, stop_loss=3.0)
-    for record in (A, B):
-        result = module.edit(record)
-        assert result.success and result.steps < module.hparams.max_steps  # stopped early
-        last = dict(module.step_stats)
-        with module.memory_mode("edit"), torch.no_grad():
-            now = module.edit_losses(module.prepare_edit(record))
-        # the update computed at the last step was not applied: the weights are those it measured
-        assert float(now["edit_loss"]) == pytest.approx(last["edit_loss"], rel=1e-6)
-        assert float(now["target_correct"]) == 1.0
 
 
 def test_train_ahead_needs_replay():

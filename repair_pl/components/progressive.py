@@ -12,9 +12,7 @@ class ProgressiveIntervention(EditStreamCallback):
     intervention, hard edits keep full strength.
 
     With ``early_stop`` the fit stops once the edit has converged: every target token of the
-    bare prompt is predicted correctly, and so are those of the edits it replays that are
-    already made (a memory's ``n_replay``: a fit that stopped on the mean replayed loss could
-    leave one of them lost), the routing loss is at most ``routing_tolerance``, and
+    bare prompt is predicted correctly, the routing loss is at most ``routing_tolerance``, and
     either the edit loss is below ``stop_loss`` (default ``threshold``) or, with
     ``plateau_window`` (ours), the loss has not improved by more than ``plateau_tol`` (relative)
     on its best over the last ``plateau_window`` steps: an edit whose target is reached but whose
@@ -42,27 +40,19 @@ class ProgressiveIntervention(EditStreamCallback):
         self.strength, self.history, self.losses = 1.0, [], []
         module.intervention = 1.0
 
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        # The step's numbers describe the weights before its update: once they show the edit
-        # converged, the update is dropped, so the fit ends on the weights that were checked
-        # (one more update can lose a target predicted by a thin margin).
-        last = module.step_stats
-        self.losses.append(last["edit_loss"])
-        if self.early_stop and self.converged(last):
-            optimizer.zero_grad(set_to_none=True)
-            trainer.should_stop = True
-
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         last = module.step_stats
+        self.losses.append(last["edit_loss"])
         if last["edit_loss"] < self.threshold:
             self.strength = max(self.min_intervention, self.strength * self.decay_factor)
         self.history.append(self.strength)
         module.intervention = self.strength
         module.apply_lr(trainer)
+        if self.early_stop and self.converged(last):
+            trainer.should_stop = True
 
     def converged(self, last: dict) -> bool:
-        if last["target_correct"] != 1.0 or last.get("replay_correct", 1.0) != 1.0 \
-                or last["routing_loss"] > self.routing_tolerance:
+        if last["target_correct"] != 1.0 or last["routing_loss"] > self.routing_tolerance:
             return False
         stop_loss = self.threshold if self.stop_loss is None else self.stop_loss
         return last["edit_loss"] < stop_loss or self.plateaued()

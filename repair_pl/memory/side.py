@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from repair_pl.losses import margin_routing_loss
 from repair_pl.memory.base import EditableLayer, lr_tagged
-from repair_pl.memory.batch import predicting, prompt_target_batch
+from repair_pl.memory.batch import prompt_target_batch
 from repair_pl.memory.router import PromptRouter
 from repair_pl.merge import MERGERS, merge
 
@@ -158,10 +158,6 @@ class SideMemory(EditableLayer):
         batch = prompt_target_batch(tok, prompts, target, max_length, out_rows, replay)
         # with a plan, replayed edits are still to be learnt, not only kept: each weighs as much as the edit
         batch["replay_weight"] = float(len(replay)) if self.planned and replay else 1.0
-        # the replayed edits already made (they come first) must still be predicted when the fit stops
-        made = {p for p, _ in self.shard_edits}
-        n_made = sum(p in made for p, _ in replay)
-        batch["n_made"] = int(predicting(batch["answer_mask"])[: len(prompts) + n_made].sum())
         return batch
 
     def replayed(self, prompt: str) -> list[tuple[str, str]]:
@@ -208,11 +204,10 @@ class SideMemory(EditableLayer):
             edit_loss, trained = edit_loss + replayed, edit_loss + batch["replay_weight"] * replayed
         routing = margin_routing_loss(scores[edit_rows], scores[other_rows], self.alpha, self.beta, self.gamma)
         routing = routing.to(edit_loss.device)
-        predicted = logits.argmax(-1) == labels
-        correct = predicted[:n_first].all().float()
+        correct = (logits[:n_first].argmax(-1) == labels[:n_first]).all().float()
         return {"loss": trained + self.routing_weight * routing, "edit_loss": edit_loss, "routing_loss": routing,
                 "in_scope": scores[0].detach(), "out_scope": scores[other_rows].max().detach(),
-                "target_correct": correct, "replay_correct": predicted[n_own:batch["n_made"]].all().float()}
+                "target_correct": correct}
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         return lr_tagged(torch.optim.SGD([self.side], lr=self.lr), self.lr)
