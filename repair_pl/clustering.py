@@ -41,10 +41,16 @@ def cluster_labels(embeddings: Tensor, n_clusters: int, method: str = "kmeans", 
     raise ValueError(f"cluster method must be 'kmeans' or 'agglomerative', got {method!r}")
 
 
-def plan_shards(records: list[EditRecord], labels: np.ndarray, heterogeneous: bool = False) -> list[list[EditRecord]]:
+def plan_shards(records: list[EditRecord], labels: np.ndarray, heterogeneous: bool = False,
+                max_size: int | None = None) -> list[list[EditRecord]]:
     """Group records into shards: one per cluster (homogeneous), or, for the ablation, the same
-    shard sizes filled round-robin across clusters so that every shard mixes clusters."""
+    shard sizes filled round-robin across clusters so that every shard mixes clusters. With
+    ``max_size``, a cluster larger than it is cut into the fewest shards of at most ``max_size``
+    records, of sizes that differ by one at most (k-means clusters are uneven)."""
     groups = [[r for r, lab in zip(records, labels) if lab == c] for c in sorted(set(labels.tolist()))]
+    if max_size is not None:
+        groups = [g[i * len(g) // n: (i + 1) * len(g) // n] for g in groups
+                  for n in [math.ceil(len(g) / max_size)] for i in range(n)]
     if not heterogeneous:
         return groups
     flat = [r for i in range(max(map(len, groups))) for g in groups if i < len(g) for r in [g[i]]]

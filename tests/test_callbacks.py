@@ -202,9 +202,29 @@ def test_plan_shards_homogeneous_and_heterogeneous():
     assert all(len(set(g)) > 1 for g in mixed)  # every shard mixes clusters
 
 
+def test_plan_shards_cuts_large_clusters_into_even_shards():
+    records = [f"a{i}" for i in range(7)] + ["b0", "b1"]
+    labels = np.array([0] * 7 + [1] * 2)
+    assert plan_shards(records, labels, max_size=3) == [["a0", "a1"], ["a2", "a3"], ["a4", "a5", "a6"], ["b0", "b1"]]
+    assert plan_shards(records, labels, max_size=7) == plan_shards(records, labels)
+
+
+def test_distribution_aware_memory_plans_no_shard_above_max_shard_size():
+    module = RepairModule(tiny_llama(), char_tokenizer(),
+                          **preset("repair", max_steps=2, cluster_size=5, max_shard_size=2, n_replay=1, train_ahead=True))
+    dist = module.components.distribution_aware
+    order = dist.on_edit_batch_start(module, [A, B, C, D, E])  # one cluster of five
+    assert [len(shard) for shard in dist.plan] == [1, 2, 2] and sum(dist.plan, []) == order
+    assert [p for p, _ in module.memory.planned] == [r.prompt for r in dist.plan[0]]  # trained ahead: its own shard
+    with pytest.raises(ValueError, match="max_shard_size"):
+        preset("repair", max_shard_size=0)
+
+
 A = EditRecord("capital of fr?", "xyz", routing_prompt="unrelated text here")
 B = EditRecord("ceo of msft?", "qwe", routing_prompt="some other thing")
 C = EditRecord("capital of de?", "xyw", routing_prompt="a third thing")
+D = EditRecord("ceo of ibm?", "rty", routing_prompt="words of a fourth kind")
+E = EditRecord("capital of it?", "uio", routing_prompt="and a fifth text")
 TINY = dict(n_prefixes=2, layer=2, lr=10.0, max_steps=40, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
             norm_constraint=None)
 

@@ -36,20 +36,28 @@ class DistributionAwareMemory(EditStreamCallback):
             their own edit in a few steps (ours). Needs the memory's ``n_replay`` >= ``cluster_size``
             - 1 to cover a whole shard. Each edit is still its own fit: its success, rollback and
             re-edit are its own, and an edit that fails is dropped from its shard's plan.
+        max_shard_size: cut a cluster larger than this into shards of at most this many edits
+            (ours; ``None``: one shard per cluster, however large). K-means clusters are uneven
+            (a batch of 100 in clusters of 10 has clusters of 20-40); a shard larger than the
+            memory's ``n_replay`` + 1 no longer replays its first edits when it takes its last.
     """
 
     def __init__(self, cluster_size: int = 5, n_clusters: int | None = None, cluster_method: str = "kmeans",
                  heterogeneous: bool = False, disjoint_masks: bool = True, loss_aware_merge: bool = True,
-                 merge_eps: float = 0.05, shards_apart: bool = False, train_ahead: bool = False):
+                 merge_eps: float = 0.05, shards_apart: bool = False, train_ahead: bool = False,
+                 max_shard_size: int | None = None):
         if cluster_method not in CLUSTER_METHODS:
             raise ValueError(f"DistributionAwareMemory.cluster_method must be one of {CLUSTER_METHODS}, "
                              f"got {cluster_method!r}")
         if not isinstance(cluster_size, int) or cluster_size < 1:
             raise ValueError(f"DistributionAwareMemory.cluster_size must be a positive integer, got {cluster_size!r}")
+        if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < 1):
+            raise ValueError(f"DistributionAwareMemory.max_shard_size must be a positive integer or null, "
+                             f"got {max_shard_size!r}")
         self.cluster_size, self.n_clusters, self.cluster_method = cluster_size, n_clusters, cluster_method
         self.heterogeneous, self.disjoint_masks = heterogeneous, disjoint_masks
         self.loss_aware_merge, self.merge_eps, self.shards_apart = loss_aware_merge, merge_eps, shards_apart
-        self.train_ahead = train_ahead
+        self.train_ahead, self.max_shard_size = train_ahead, max_shard_size
 
     def bind(self, module) -> None:
         memory = module.memory
@@ -68,7 +76,7 @@ class DistributionAwareMemory(EditStreamCallback):
         k = self.n_clusters or default_clusters(len(records), self.cluster_size)
         embeddings = embed_prompts(module, [r.prompt for r in records])
         labels = cluster_labels(embeddings, k, self.cluster_method, module.hparams.seed)
-        self.plan = plan_shards(records, labels, self.heterogeneous)
+        self.plan = plan_shards(records, labels, self.heterogeneous, self.max_shard_size)
         module.memory.plan_shards(len(self.plan))
         ends, total = set(), 0
         for group in self.plan:
