@@ -8,11 +8,11 @@ error that names it.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from repair_pl.components import RepairComponents
 from repair_pl.memory import EditableLayer, FineTunedLayer, GraceCodebook, SideMemory
+from repair_pl.memory.base import held_args, init_params
 
 METHODS = ("none", "wise", "repair", "ft_l", "ft_m", "grace")
 """``none`` edits nothing (the unedited model is evaluated); the others name a memory and components."""
@@ -40,10 +40,6 @@ def default_components(method: str) -> RepairComponents | None:
     return RepairComponents.all_on() if method == "repair" else None
 
 
-def _params(cls) -> list[str]:
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-
 def preset(method: str = "repair", base: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """``RepairModule`` keyword arguments for ``method`` with ``options`` applied.
 
@@ -64,9 +60,9 @@ def preset(method: str = "repair", base: dict[str, Any] | None = None, **options
     components = base.pop("components") if "components" in base else default_components(method)
     module_kwargs = {k: v for k, v in base.items() if k != "method"}
     module_kwargs.update({k: options.pop(k) for k in list(options) if k in MODULE_OPTIONS})
-    memory_kwargs = {k: options.pop(k) for k in list(options) if memory is not None and k in _params(type(memory))}
+    memory_kwargs = {k: options.pop(k) for k in list(options) if memory is not None and k in init_params(type(memory))}
     if memory_kwargs:
-        memory = type(memory)(**{**_current_args(memory), **memory_kwargs})
+        memory = type(memory)(**{**held_args(memory), **memory_kwargs})
     switches = {k: options.pop(k) for k in list(options) if k in COMPONENT_NAMES}
     if switches and any(switches.values()) and components is None:
         components = RepairComponents()
@@ -80,20 +76,14 @@ def preset(method: str = "repair", base: dict[str, Any] | None = None, **options
         components.__post_init__()
         for name in COMPONENT_NAMES:
             part = getattr(components, name)
-            mine = {k: options.pop(k) for k in list(options) if part is not None and k in _params(type(part))}
+            mine = {k: options.pop(k) for k in list(options) if part is not None and k in init_params(type(part))}
             if mine:
-                setattr(components, name, type(part)(**{**_current_args(part), **mine}))
+                setattr(components, name, type(part)(**{**held_args(part), **mine}))
     if options:
         raise ValueError(f"options {sorted(options)} do not apply to method {method!r} (its memory is "
                          f"{type(memory).__name__ if memory is not None else 'none'}; components: "
                          f"{[c for c in COMPONENT_NAMES if components is not None and getattr(components, c)] or 'none'})")
     return {"method": method, "memory": memory, "components": components, **module_kwargs}
-
-
-def _current_args(obj) -> dict[str, Any]:
-    from repair_pl.memory.base import held_args
-
-    return held_args(obj)
 
 
 def _component_class(name: str):

@@ -24,17 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 
-def shard_places(module, records, batch: int, cluster_size: int, max_shard_size: int | None = None):
+def shard_places(module, records, batch: int, planner) -> list[tuple]:
     """``(shard size, place in the shard, record)`` for every record, batch by batch, as
-    :class:`~repair_pl.components.DistributionAwareMemory` plans them."""
-    from repair_pl.clustering import cluster_labels, default_clusters, embed_prompts, plan_shards
-
+    ``planner`` (a :class:`~repair_pl.components.DistributionAwareMemory`) plans them."""
     out = []
     for start in range(0, len(records), batch):
-        part = records[start: start + batch]
-        labels = cluster_labels(embed_prompts(module, [r.prompt for r in part]),
-                                default_clusters(len(part), cluster_size), "kmeans", module.hparams.seed)
-        for shard in plan_shards(part, labels, max_size=max_shard_size):
+        for shard in planner.shards(module, records[start: start + batch]):
             out += [(len(shard), place, record) for place, record in enumerate(shard)]
     return out
 
@@ -58,6 +53,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from repair_pl import RepairModule
+    from repair_pl.components import DistributionAwareMemory
     from repair_pl.data import EditDataModule
 
     with open(args.results) as f:
@@ -69,7 +65,8 @@ def main(argv=None) -> None:
         parser.error(f"{args.results} does not hold records {args.start}-{args.start + len(results) - 1} of {args.data}: "
                      f"give the run's --start and --data")
     module = RepairModule(model=args.model, method="repair", layer=args.layer)
-    rows = shard_places(module, data.records, args.batch, args.cluster_size, args.max_shard_size)
+    planner = DistributionAwareMemory(cluster_size=args.cluster_size, max_shard_size=args.max_shard_size)
+    rows = shard_places(module, data.records, args.batch, planner)
     window = args.replay + 1
     small = [x for x in rows if x[0] <= window]
     large = [x for x in rows if x[0] > window]

@@ -72,11 +72,17 @@ class DistributionAwareMemory(EditStreamCallback):
         self.plan: list[list] = []
         self._done = 0
 
-    def on_edit_batch_start(self, module, records: list) -> list:
+    def shards(self, module, records: list) -> list[list]:
+        """The shards of a batch of ``records``, in the order they are edited: the prompts embedded
+        by ``module``'s frozen model, clustered, one shard per cluster (cut at ``max_shard_size``).
+        Changes nothing on ``module``."""
         k = self.n_clusters or default_clusters(len(records), self.cluster_size)
         embeddings = embed_prompts(module, [r.prompt for r in records])
         labels = cluster_labels(embeddings, k, self.cluster_method, module.hparams.seed)
-        self.plan = plan_shards(records, labels, self.heterogeneous, self.max_shard_size)
+        return plan_shards(records, labels, self.heterogeneous, self.max_shard_size)
+
+    def on_edit_batch_start(self, module, records: list) -> list:
+        self.plan = self.shards(module, records)
         module.memory.plan_shards(len(self.plan))
         ends, total = set(), 0
         for group in self.plan:

@@ -141,11 +141,15 @@ def lr_tagged(optimizer: torch.optim.Optimizer, lr: float) -> torch.optim.Optimi
     return optimizer
 
 
+def init_params(cls: type) -> list[str]:
+    """The names of ``cls.__init__``'s arguments (the options of a memory or component)."""
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
 def held_args(obj: Any) -> dict[str, Any]:
     """The ``__init__`` arguments of ``obj`` (a memory or component) as stored on it, by name;
     parts such as a memory's router stay objects (what building it again takes)."""
-    names = [p for p in inspect.signature(type(obj).__init__).parameters if p != "self"]
-    return {name: getattr(obj, name) for name in names}
+    return {name: getattr(obj, name) for name in init_params(type(obj))}
 
 
 def init_args(obj: Any) -> dict[str, Any]:
