@@ -25,10 +25,11 @@ def test_rephrasings_and_locality_prompts_are_routed_by_similarity_to_the_keys_s
     assert (first["own"], first["other"], first["none"], first["loc_routed"]) == (1.0, 0.0, 0.0, 0.0)
     # two keys: record 0's locality prompt is now record 1's edit prompt; record 1's rephrasing matches no key
     assert (both["own"], both["none"], both["loc_routed"]) == (0.5, 0.5, 0.5)
-    assert both["routed_locality"] == [("delta epsilon zeta", "delta epsilon zeta", both["routed_locality"][0][2])]
+    [(prompt, edit, similarity)] = both["routed_locality"]
+    assert (prompt, edit) == ("delta epsilon zeta", "delta epsilon zeta") and similarity >= 0.99
 
 
-def test_the_command_prints_a_row_per_number_of_edits(tmp_path, capsys):
+def test_the_command_prints_a_row_per_number_of_edits(capsys):
     probe = load_script(ROOT / "tools" / "probe_prompt_router.py")
     probe.main([str(ROOT / "repair_pl" / "data" / "demo.jsonl"), "--at", "1", "3", "--encoder", "hash", "--examples", "1"])
     lines = capsys.readouterr().out.splitlines()

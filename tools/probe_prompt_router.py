@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def routing_by_size(records, router, at) -> list[dict]:
     """For each k in ``at``: ``router`` keyed with the first k records' prompts, and how it routes
-    their rephrasings (``own``/``other``/``none``) and locality prompts (``loc_routed``)."""
+    their rephrasings (``own``/``other``/``none``) and locality prompts (``loc_routed``, and
+    ``routed_locality``: each routed one as ``(prompt, edit prompt it reached, similarity)``)."""
     rows, keyed = [], 0
     for k in sorted(set(min(k, len(records)) for k in at)):
         for i in range(keyed, k):
