@@ -526,7 +526,8 @@ class RepairModule(L.LightningModule):
     # ---- saving and loading ------------------------------------------------------------------
     def edited_state(self) -> tuple[dict[str, Tensor], dict]:
         """Tensors and metadata that fully describe the edits (nothing of the frozen model).
-        On the CPU the tensors share storage with the live memory: copy them to keep a snapshot."""
+        On the CPU the tensors share storage with the live memory: for a state to return to,
+        take :meth:`snapshot_edits`."""
         tensors, extra = self.memory.state() if self.memory is not None else ({}, {})
         main = decoder_layers(self.model)[self.layer].mlp.down_proj if self.memory is None else self.memory.main
         meta = {"format": STATE_FORMAT, "layer": self.layer, "n_layers": len(decoder_layers(self.model)),
@@ -534,6 +535,14 @@ class RepairModule(L.LightningModule):
                 "method": self.method, "memory": type(self.memory).__name__ if self.memory is not None else None,
                 **extra}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def snapshot_edits(self) -> tuple[dict[str, Tensor], dict]:
+        """The edited state as it is now, for :meth:`restore_edits` to return to after later
+        edits (error feedback undoes a round with it). It stays on the module's device, copies
+        what edits change in place and shares what they never change (a side memory's kept
+        memories), so its cost does not grow with the edits made (``EditableLayer.snapshot``)."""
+        tensors, meta = self.memory.snapshot() if self.memory is not None else ({}, {})
+        return tensors, {**meta, "edit_count": self.edit_count}
 
     def save_edits(self, path: str | Path) -> Path:
         """Write the edited state to ``path/`` as ``edits.safetensors`` + ``edits.json`` (atomically)."""
@@ -552,9 +561,8 @@ class RepairModule(L.LightningModule):
         self.restore_edits(tensors, meta)
 
     def restore_edits(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        """Put back an edited state from :meth:`edited_state` (unchecked: :meth:`load_edits` checks
-        that a saved state fits this module). Keep a copy (``clone``/``deepcopy``) when the state
-        is a snapshot to return to: ``edited_state`` shares storage with the live memory."""
+        """Put back an edited state from :meth:`snapshot_edits` or :meth:`edited_state`
+        (unchecked: :meth:`load_edits` checks that a saved state fits this module)."""
         if self.memory is not None:
             self.memory.load_state(tensors, meta)
         self.edit_count = meta["edit_count"]

@@ -298,6 +298,29 @@ def test_merge_recalibrates_the_routing_threshold_on_the_merged_memory():
     assert module.memory.min_in_scope == pytest.approx(floor)
 
 
+def test_an_undone_round_restores_kept_memories_without_copying_them(monkeypatch):
+    from repair_pl.components import ErrorFeedback, error_feedback
+
+    module = repair("progressive", "closed_loop", "error_feedback", cluster_size=1, retrieve=True)
+    memory = module.memory
+    list(module.edit_stream([A], progress=False))  # batch 1: a memory kept apart
+    results = [r for _, r in module.edit_stream([B, C], progress=False)]
+    assert len(memory.memories) == 2
+    before, scales = {k: v.clone() for k, v in module.edited_state()[0].items()}, list(memory.memory_scales)
+    snapshot, _ = module.snapshot_edits()
+    assert all(snapshot[f"memory.{i}"].data_ptr() == m.data_ptr() for i, m in enumerate(memory.memories))
+    assert snapshot["side"].data_ptr() != memory.side.data_ptr()  # what edits write in place is copied
+    # scripted re-check: B fails; after the round both fail, so the round is undone
+    script = iter([[False, True], [False, False]])
+    monkeypatch.setattr(error_feedback, "rewrite_correct", lambda module, records: next(script))
+    feedback = bound(ErrorFeedback(max_retries=1), module)
+    feedback.on_edit_batch_end(module, [B, C], results)
+    assert feedback.counts["reintegrated"] == 1 and feedback.counts["undone_rounds"] == 1
+    after = module.edited_state()[0]
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert memory.memory_scales == scales and len(memory.memories) == 2
+
+
 def test_with_retrieve_a_merge_rescales_only_its_own_memory():
     module = repair("progressive", "closed_loop", "error_feedback", cluster_size=1, retrieve=True)
     memory = module.memory

@@ -87,8 +87,7 @@ def test_router_keys_are_saved_restored_and_reset(tmp_path):
     assert fresh.memory.router.prompts == module.memory.router.prompts and len(fresh.memory.router) == 1
     assert torch.equal(fresh.memory.router.keys, module.memory.router.keys)
     assert side_output_used(fresh, A.prompt) == 0
-    state = module.edited_state()
-    snapshot = {k: v.clone() for k, v in state[0].items()}, dict(state[1])
+    snapshot = module.snapshot_edits()
     list(module.edit_stream([B], progress=False))
     assert len(module.memory.router) == 2
     module.restore_edits(*snapshot)  # an undone error-feedback round takes its keys back too

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from repair_pl.components.base import EditStreamCallback, recalibrate_routing
@@ -55,8 +53,7 @@ class ErrorFeedback(EditStreamCallback):
                     redo += errors
             if not redo:
                 break
-            tensors, meta = module.edited_state()  # on CPU it shares storage with the memory: copy it
-            before = {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
+            before = module.snapshot_edits()
             self.counts["reintegrated"] += len(redo)
             for record in redo:
                 succeeded[id(record)] = module.reedit(record).success

@@ -11,6 +11,7 @@ serve every row) and ``"route"`` (inference: the memory decides per sequence).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,6 +116,13 @@ class EditableLayer(nn.Module):
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         """Restore a state from :meth:`state` (a saved state's compatibility is checked by the module)."""
         raise NotImplementedError
+
+    def snapshot(self) -> tuple[dict[str, Tensor], dict]:
+        """A state to return to later with :meth:`load_state`, unchanged by the edits made in
+        between: :meth:`state` with every tensor copied. A layer whose finished tensors are
+        never written in place shares them instead of copying them."""
+        tensors, meta = self.state()
+        return {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(meta)
 
     def reset(self, seed: int = 0) -> None:
         """Forget every edit and start from the state right after :meth:`attach`."""

@@ -22,6 +22,7 @@ pending a merge share an entry, so a TIES merge keeps every shard's change whole
 
 from __future__ import annotations
 
+import copy
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -386,6 +387,14 @@ class SideMemory(EditableLayer):
             tensors.update(keys)
             meta.update(keyed)
         return tensors, meta
+
+    def snapshot(self) -> tuple[dict[str, Tensor], dict]:
+        """Only ``W'`` is written in place: shards, memories, the merged memory, masks and router
+        keys are replaced, never changed, so the snapshot shares them (a long stream's kept
+        memories are not copied at each undoable round of error feedback)."""
+        tensors, meta = self.state()
+        tensors["side"] = tensors["side"].clone()
+        return tensors, copy.deepcopy(meta)
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         device = self.side.device
