@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from repair_pl.components import RepairComponents
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import encode_pairs
+from repair_pl.host_memory import trim_heap
 from repair_pl.losses import distillation_loss
 from repair_pl.memory import EditableLayer, FineTunedLayer, GraceCodebook, SideMemory, class_config
 from repair_pl.memory.batch import flat_indices, predicting
@@ -505,6 +506,7 @@ class RepairModule(L.LightningModule):
             for cb in streams:
                 cb.on_edit_batch_end(self, batch, results)
             self._lower_cache = None
+            trim_heap()  # the batch's caches are freed: keep the RSS from growing with the stream
             yield from self._retries
         if bar is not None:
             bar.close()

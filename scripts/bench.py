@@ -145,13 +145,9 @@ class PeakMemory:
     def trimmed_rss_mb(cls) -> float | None:
         """RSS after glibc's ``malloc_trim(0)`` hands freed heap pages back to the system: what
         is still in use, not what the allocator keeps cached. None where there is no glibc."""
-        try:
-            import ctypes
+        from repair_pl.host_memory import trim_heap
 
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            return None
-        return cls.rss_mb()
+        return cls.rss_mb() if trim_heap() else None
 
     def now_mb(self) -> float:
         return torch.cuda.memory_allocated() / 2**20 if self.cuda else self.rss_mb()
