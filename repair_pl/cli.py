@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from repair_pl.checkpoint import write_file_atomic
 from repair_pl.data import EditDataModule
 from repair_pl.generation import GenerationCheck
+from repair_pl.host_memory import bound_kernel_caches
 from repair_pl.lifelong import check_run_options, run_lifelong
 from repair_pl.module import RepairModule
 from repair_pl.tracking import default_offline, finish_run, log_summary_table, sweep_run_dir
@@ -26,6 +27,7 @@ class EditCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_callback", None)  # we save the config next to the results
         default_offline()  # a WandbLogger in the config runs offline unless WANDB_MODE says otherwise
+        bound_kernel_caches()  # a bf16 model on a CPU would otherwise grow with the edit stream
         super().__init__(RepairModule, EditDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:

@@ -1,9 +1,13 @@
-"""Handing freed host memory back to the operating system."""
+"""Host memory over a long edit stream: freed heap pages back to the system, bounded kernel caches."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+"""The environment variables that size oneDNN's and PyTorch's (ideep) caches of CPU kernels."""
 
 
 @functools.cache
@@ -26,3 +30,19 @@ def trim_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+def bound_kernel_caches(capacity: int = 64) -> None:
+    """Keep at most ``capacity`` compiled CPU kernels in each of oneDNN's caches, unless the
+    environment already sizes them (:data:`KERNEL_CACHES`).
+
+    On a CPU, PyTorch runs bf16 and fp16 matrix products through oneDNN, which keeps a kernel
+    per input shape (about 0.3 MB each, 1024 per cache by default). Edit batches come in
+    hundreds of shapes (rows x tokens), so with the defaults a bf16 stream grows by several
+    hundred MB over its first few hundred edits; one edit's fit reuses a few dozen kernels, so
+    64 lose no speed. fp32 products and GPUs do not use these caches. The sizes are read when
+    the first such kernel is built: call this before the model runs (``repair-pl`` does)."""
+    if not isinstance(capacity, int) or capacity < 1:  # a capacity of 0 crashes PyTorch's cache
+        raise ValueError(f"kernel cache capacity must be an integer >= 1, got {capacity!r}")
+    for name in KERNEL_CACHES:
+        os.environ.setdefault(name, str(capacity))
