@@ -214,21 +214,27 @@ def run_lifelong(module, records: list[EditRecord], out_dir: str | Path, T: int 
 
 BLOCK = 100
 """Edits per block of a long run's timeline (``summary["blocks"]``: per block of ``BLOCK`` edits,
-wall seconds per edit and peak RSS; a last entry holds the seconds after the last full block)."""
+wall seconds per edit, peak RSS and RSS at the block's end; a last entry holds the seconds after
+the last full block)."""
 
 
 def _note_block(state: dict) -> None:
     """Close the block of edits just finished, if ``BLOCK`` edits have been made since the last
-    one: its wall seconds per edit and the process's peak memory so far (what a long stream
-    reports). Called at the end of each edit segment and before each new edit's fit."""
+    one: its wall seconds per edit, the process's peak memory so far and its memory now (what a
+    long stream reports; with batches of ``BLOCK`` edits, "now" is after the batch's end, so it
+    is what the stream holds, while the peak also holds the largest passing allocation so far).
+    Called at the end of each edit segment and before each new edit's fit."""
     done = state["edited"]
     if not done or done % BLOCK or (state["blocks"] and state["blocks"][-1]["edits"] >= done):
         return
     import resource
 
+    import psutil
+
     spent = _seconds_after_blocks(state)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    state["blocks"].append({"edits": done, "seconds_per_edit": spent / BLOCK, "peak_rss_mb": peak_mb})
+    state["blocks"].append({"edits": done, "seconds_per_edit": spent / BLOCK, "peak_rss_mb": peak_mb,
+                            "rss_mb": psutil.Process().memory_info().rss / 2**20})
 
 
 def _seconds_after_blocks(state: dict) -> float:

@@ -332,24 +332,30 @@ def comparison_table(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
 def stream_table(rows: Sequence[dict]) -> list[str]:
     """The "Long streams" section: for each run with a timeline (``summary["blocks"]``, runs of
     at least one block of edits), its editing wall time, seconds per edit in each block of edits
-    and peak memory after the first and the last block."""
+    and the process's peak memory and memory at the end of the first and the last block."""
     timelines = [(r, [b for b in r.get("blocks") or [] if "seconds_per_edit" in b]) for r in rows]
     timelines = [(r, blocks) for r, blocks in timelines if blocks]
     if not timelines:
         return []
     text = ["## Long streams", "",
             "Editing wall time (evaluation apart) and, per block of edits, seconds per edit (with the re-checks "
-            "and re-edits that follow the block's last edit); peak RSS of the process after the first and the "
-            "last full block.", "",
-            "| dataset | method | T | n | editing time | s/edit per block | peak RSS (MB), first / last block |",
-            "|---|---|---|---|---|---|---|"]
+            "and re-edits that follow the block's last edit); peak RSS of the process so far and its RSS at the "
+            "end of the first and the last full block.", "",
+            "| dataset | method | T | n | editing time | s/edit per block | peak RSS (MB), first / last block "
+            "| RSS at block end (MB), first / last block |",
+            "|---|---|---|---|---|---|---|---|"]
     for r, blocks in timelines:
         size = blocks[0]["edits"]
         per_block = " ".join(f"{b['seconds_per_edit']:.2f}" for b in blocks)
         minutes = r["seconds_per_edit"] * r["n_edits"] / 60
         text.append(f"| {r['dataset']} | {r['run']} | {r['T']} | {r['n_edits']} | {minutes:.1f} min | "
-                    f"{per_block} (per {size}) | {blocks[0]['peak_rss_mb']:.0f} / {blocks[-1]['peak_rss_mb']:.0f} |")
+                    f"{per_block} (per {size}) | {blocks[0]['peak_rss_mb']:.0f} / {blocks[-1]['peak_rss_mb']:.0f} | "
+                    f"{_megabytes(blocks[0].get('rss_mb'))} / {_megabytes(blocks[-1].get('rss_mb'))} |")
     return text + [""]
+
+
+def _megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"  # "-": a run from before blocks recorded it
 
 
 def write_comparison(out: Path, notes: Sequence[str] = (), order: Sequence[str] = ()) -> Path:

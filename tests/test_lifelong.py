@@ -212,7 +212,7 @@ def test_a_long_run_reports_seconds_per_edit_and_peak_memory_per_block_of_edits(
     summary = run_lifelong(ScriptedModule(RECORDS), RECORDS, tmp_path, T=4, progress=False)
     *blocks, rest = summary["blocks"]
     assert [b["edits"] for b in blocks] == [3, 6]  # edit 7 does not close a block
-    assert all(b["seconds_per_edit"] >= 0 and b["peak_rss_mb"] > 0 for b in blocks)
+    assert all(b["seconds_per_edit"] >= 0 and 0 < b["rss_mb"] <= b["peak_rss_mb"] * 1.01 for b in blocks)
     assert rest["edits"] == 7 and rest["rest_after"] == 6 and rest["seconds"] >= 0  # edit 7 and the end of its batch
     total = sum(b["seconds_per_edit"] * 3 for b in blocks) + rest["seconds"]
     assert total == pytest.approx(summary["seconds_per_edit"] * 7)  # the blocks add up to the run's editing time

@@ -94,8 +94,8 @@ def test_generated_columns_and_long_streams_appear_for_the_runs_that_have_them()
     plain = {**summary("wise", 10, 0.9, 1.0), "dataset": "zsre", "run": "wise"}
     post = {**summary("repair", 250, 0.8, 0.99)["post"], "rewrite_gen_em": 0.25, "rephrase_gen_em": 0.125,
             "locality_gen": 0.5}
-    blocks = [{"edits": 100, "seconds_per_edit": 1.5, "peak_rss_mb": 900.0},
-              {"edits": 200, "seconds_per_edit": 1.75, "peak_rss_mb": 950.0},
+    blocks = [{"edits": 100, "seconds_per_edit": 1.5, "peak_rss_mb": 900.0, "rss_mb": 700.0},
+              {"edits": 200, "seconds_per_edit": 1.75, "peak_rss_mb": 950.0, "rss_mb": 720.0},
               {"edits": 250, "rest_after": 200, "seconds": 12.0}]
     stream = {**summary("repair", 250, 0.8, 0.99), "post": post, "n_edits": 250, "seconds_per_edit": 2.0,
               "blocks": blocks, "dataset": "zsre", "run": "repair"}
@@ -105,7 +105,7 @@ def test_generated_columns_and_long_streams_appear_for_the_runs_that_have_them()
     assert "| wise | 10 | 10 | 0.900 | 0.450 | 1.000 | 3.500 | - | - | - |" in text  # generation off: no value
     streams = text.split("## Long streams")[1]
     # 250 edits x 2 s = 8.3 min; the rest entry (no seconds_per_edit) is not a block
-    assert "| zsre | repair | 250 | 250 | 8.3 min | 1.50 1.75 (per 100) | 900 / 950 |" in streams
+    assert "| zsre | repair | 250 | 250 | 8.3 min | 1.50 1.75 (per 100) | 900 / 950 | 700 / 720 |" in streams
     assert "wise" not in streams
     assert "## Long streams" not in comparison_table([plain])
 
