@@ -10,6 +10,13 @@ KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 """The environment variables that size oneDNN's and PyTorch's (ideep) caches of CPU kernels."""
 
 
+def rss_mb() -> float:
+    """The process's resident memory now, in MB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 @functools.cache
 def _malloc_trim():
     try:

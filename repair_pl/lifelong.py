@@ -15,6 +15,7 @@ from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import Evaluation, evaluate_records
 from repair_pl.generation import (MEAN_KEYS, GenerationCheck, evaluate_generation, generation_means,
                                   generation_scores, generation_summary, module_generate_fn)
+from repair_pl.host_memory import rss_mb
 from repair_pl.resume import RunCheckpoint, records_sha256, run_fingerprint
 
 SUMMARY_KEYS = ("rewrite_acc", "rephrase_acc", "locality")
@@ -229,12 +230,10 @@ def _note_block(state: dict) -> None:
         return
     import resource
 
-    import psutil
-
     spent = _seconds_after_blocks(state)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     state["blocks"].append({"edits": done, "seconds_per_edit": spent / BLOCK, "peak_rss_mb": peak_mb,
-                            "rss_mb": psutil.Process().memory_info().rss / 2**20})
+                            "rss_mb": rss_mb()})
 
 
 def _seconds_after_blocks(state: dict) -> float:

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from repair_pl.checkpoint import write_file_atomic, write_json_atomic  # noqa: E402
 from repair_pl.data import EditDataModule  # noqa: E402
 from repair_pl.evaluate import evaluate_records  # noqa: E402
+from repair_pl.host_memory import rss_mb, trim_heap  # noqa: E402
 
 ZSRE = "data/zsre/zsre_edit_1000.json"
 TINY_SETTINGS = dict(n_prefixes=2, layer=2, lr=10.0, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
@@ -136,21 +137,13 @@ class PeakMemory:
         self.cuda, self.interval = str(device).startswith("cuda"), interval
 
     @staticmethod
-    def rss_mb() -> float:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-
-    @classmethod
-    def trimmed_rss_mb(cls) -> float | None:
+    def trimmed_rss_mb() -> float | None:
         """RSS after glibc's ``malloc_trim(0)`` hands freed heap pages back to the system: what
         is still in use, not what the allocator keeps cached. None where there is no glibc."""
-        from repair_pl.host_memory import trim_heap
-
-        return cls.rss_mb() if trim_heap() else None
+        return rss_mb() if trim_heap() else None
 
     def now_mb(self) -> float:
-        return torch.cuda.memory_allocated() / 2**20 if self.cuda else self.rss_mb()
+        return torch.cuda.memory_allocated() / 2**20 if self.cuda else rss_mb()
 
     def __enter__(self):
         self.start_mb = self.peak_mb = self.now_mb()
@@ -164,7 +157,7 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_mb = max(self.peak_mb, self.rss_mb())
+            self.peak_mb = max(self.peak_mb, rss_mb())
 
     def __exit__(self, *exc):
         if self.cuda:
@@ -172,7 +165,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_mb = max(self.peak_mb, self.rss_mb())
+            self.peak_mb = max(self.peak_mb, rss_mb())
 
 
 def side_memory_mb(module) -> dict:
@@ -407,7 +400,7 @@ def memory_growth(module, records, device: str = "cpu", warmup: int = 5, every: 
     # Judged: CUDA allocated memory on a GPU; on a CPU the RSS after malloc_trim (memory in use).
     # The raw RSS is kept beside it.
     def sample(i: int) -> None:
-        rss.append((i, pm.rss_mb()))
+        rss.append((i, rss_mb()))
         judged.append((i, pm.now_mb() if pm.cuda else pm.trimmed_rss_mb()))
 
     rss, judged, shards_max = [], [], 0.0

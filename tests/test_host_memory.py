@@ -4,15 +4,10 @@ import os
 import subprocess
 import sys
 
-import psutil
 import pytest
 import torch
 
-from repair_pl.host_memory import KERNEL_CACHES, bound_kernel_caches, trim_heap
-
-
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+from repair_pl.host_memory import KERNEL_CACHES, bound_kernel_caches, rss_mb, trim_heap
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
