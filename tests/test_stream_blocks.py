@@ -30,3 +30,21 @@ def test_a_bad_block_size_is_refused(tmp_path):
     write_json_atomic(tmp_path / "results.json", [case(0, 1.0, 1, 1.0, 0)])
     with pytest.raises(SystemExit):
         load_script(ROOT / "tools" / "stream_blocks.py").main([str(tmp_path / "results.json"), "--block", "0"])
+
+
+def test_a_run_with_generation_gets_the_generated_columns(tmp_path, capsys):
+    def generated(rel: float) -> dict:
+        plain = {"rewrite_em": [rel], "rephrase_em": [0.0], "locality_unchanged": [1.0]}
+        return {"plain": plain, "chat": {**plain, "rewrite_em": [0.0]}}
+
+    results = [case(0, 1.0, 10, 2.0, 0), case(1, 0.0, 30, 4.0, 1)]
+    for c, rel in zip(results, (1.0, 0.0)):
+        c["post"]["gen"] = generated(rel)
+    write_json_atomic(tmp_path / "results.json", results)
+    load_script(ROOT / "tools" / "stream_blocks.py").main([str(tmp_path / "results.json"), "--block", "1", "--split", "5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("gen Rel | gen Gen | gen Loc | chat Rel | chat Gen | chat Loc |")
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert len(rows[0]) == len(lines[0].split(" | "))
+    assert rows[0][7:] == ["1.000", "0.000", "1.000", "0.000", "0.000", "1.000 |"]  # plain, then chat
+    assert rows[1][7] == "0.000"
