@@ -20,6 +20,7 @@ turn of that template (``"chat"``).
 
 from __future__ import annotations
 
+import os
 import re
 import string
 import unicodedata
@@ -94,6 +95,53 @@ def chat_prompt(tokenizer, question: str) -> str:
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+_PLACEHOLDER = "\x1fuser message\x1f"
+
+
+def user_turn_markers(tokenizer) -> tuple[str, str] | None:
+    """``(opener, closer)``: the text of ``tokenizer``'s chat template just before and just after
+    a user message (special tokens included), found by rendering a placeholder message; ``None``
+    without a chat template or when the template does not show the message as given."""
+    if not has_chat_template(tokenizer):
+        return None
+
+    def around(messages: list[dict]) -> tuple[str, str] | None:
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template may refuse a conversation, e.g. one that does not alternate
+            return None
+        if not isinstance(text, str) or text.count(_PLACEHOLDER) != 1:
+            return None
+        before, after = text.split(_PLACEHOLDER)
+        return before, after
+
+    single = around([{"role": "user", "content": _PLACEHOLDER}])
+    if single is None:
+        return None
+    opener, closer = single
+    later = around([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": _PLACEHOLDER}])
+    if later is not None:  # what a user turn opens with wherever it stands, not the system prompt before the first
+        common = os.path.commonprefix([opener[::-1], later[0][::-1]])[::-1]
+        opener = common or opener
+    closer = closer.rstrip() or closer  # the end-of-turn token, not the newline after it
+    return (opener, closer) if opener else None
+
+
+def user_message(text: str, markers: tuple[str, str] | None) -> str | None:
+    """The last user message of a chat-formatted ``text`` (decoded with its special tokens), by
+    the template's ``markers`` (:func:`user_turn_markers`); ``None`` when ``text`` holds no user turn."""
+    if markers is None:
+        return None
+    opener, closer = markers
+    at = text.rfind(opener)
+    if at < 0:
+        return None
+    message = text[at + len(opener):]
+    end = message.find(closer) if closer else -1
+    return (message if end < 0 else message[:end]).strip()
 
 
 def answer_budget(tokenizer, answer: str, check: GenerationCheck) -> int:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from repair_pl.components import RepairComponents
 from repair_pl.data.records import EditRecord
 from repair_pl.evaluate import encode_pairs
+from repair_pl.generation import user_message, user_turn_markers
 from repair_pl.host_memory import trim_heap
 from repair_pl.losses import distillation_loss
 from repair_pl.memory import EditableLayer, FineTunedLayer, GraceCodebook, SideMemory, class_config
@@ -185,9 +186,17 @@ class RepairModule(L.LightningModule):
 
     def prompt_texts(self, input_ids: Tensor, mask: Tensor | None = None) -> list[str]:
         """The text of each row's tokens in ``mask`` (its prompt), as the tokenizer decodes it:
-        what a memory that routes by prompt compares (its keys are decoded the same way)."""
-        rows = input_ids if mask is None else [ids[m.bool()] for ids, m in zip(input_ids, mask)]
-        return self.tokenizer.batch_decode([row.tolist() for row in rows], skip_special_tokens=True)
+        what a memory that routes by prompt compares with the edits' prompts. A prompt in the
+        tokenizer's chat template gives its last user message, so a question reaches its edit
+        whether it is asked plainly or as a chat turn."""
+        rows = [row.tolist() for row in (input_ids if mask is None else
+                                         [ids[m.bool()] for ids, m in zip(input_ids, mask)])]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        markers = user_turn_markers(self.tokenizer)
+        if markers is None:
+            return texts
+        turns = [user_message(text, markers) for text in self.tokenizer.batch_decode(rows)]
+        return [text if turn is None else turn for text, turn in zip(texts, turns)]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 route_mask: Tensor | None = None) -> Tensor:

@@ -11,7 +11,7 @@ from repair_pl import EditRecord, RepairModule
 from repair_pl.distributed import case_scores, run_lifelong_sharded
 from repair_pl.generation import (NO_CHAT_TEMPLATE, GenerationCheck, answer_line_done, chat_prompt, cut_answer,
                                   evaluate_generation, exact_match_answer, generation_means, module_generate_fn,
-                                  normalize_answer, stop_token_ids)
+                                  normalize_answer, stop_token_ids, user_message, user_turn_markers)
 from repair_pl.lifelong import GEN_KEYS, pre_edit_evaluation, run_lifelong
 from repair_pl.resume import run_fingerprint
 from repair_pl.presets import preset
@@ -286,3 +286,31 @@ def test_generation_stops_once_the_answer_line_is_complete():
     assert all(f.startswith(s) for s, f in zip(stopped, full))
     shorter = [i for i, (s, f) in enumerate(zip(stopped, full)) if len(s) < len(f)]
     assert shorter and all(answer_line_done(stopped[i]) for i in shorter)
+
+
+SYSTEM_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|start|>system\nbe brief<|end|>\n{% endif %}"
+                   "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+
+
+def test_the_user_turn_is_found_in_a_chat_prompt_whatever_comes_before_it():
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = SYSTEM_TEMPLATE  # a default system turn before the first user turn
+    markers = user_turn_markers(tokenizer)
+    assert markers == ("<|end|>\n<|start|>user\n", "<|end|>")  # not the system prompt: any user turn opens so
+    assert user_message(chat_prompt(tokenizer, "capital of c1?\nsay it"), markers) == "capital of c1?\nsay it"
+    later = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                           {"role": "user", "content": "ceo of c2?"}], tokenize=False,
+                                          add_generation_prompt=True)
+    assert user_message(later, markers) == "ceo of c2?"  # the last user turn
+    assert user_message("capital of c1?", markers) is None  # a plain prompt has none
+    assert user_message("capital of c1?", None) is None
+    tokenizer.chat_template = CHAT_TEMPLATE  # no special tokens: the newline ends the turn
+    assert user_message(chat_prompt(tokenizer, "ceo of c2?"), user_turn_markers(tokenizer)) == "ceo of c2?"
+
+
+def test_no_markers_without_a_template_or_when_it_changes_the_message():
+    assert user_turn_markers(char_tokenizer()) is None
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    assert user_turn_markers(tokenizer) is None

@@ -133,3 +133,24 @@ def test_preset_options_keep_the_memorys_router():
     kwargs = preset("repair", base=base, n_replay=5, n_prefixes=2)
     assert isinstance(kwargs["memory"].router, PromptRouter) and kwargs["memory"].router.threshold == 0.6
     assert (kwargs["memory"].n_replay, kwargs["memory"].n_prefixes, kwargs["memory"].retrieve) == (5, 2, True)
+
+
+def test_a_question_asked_as_a_chat_turn_reaches_its_edit():
+    from tokenizers import decoders
+
+    module = routing_module()
+    tokenizer = module.tokenizer
+    tokenizer.backend_tokenizer.decoder = decoders.Fuse()  # decode characters without spaces between them
+    tokenizer.chat_template = ("<|start|>system\nbe brief<|end|>\n{% for m in messages %}<|start|>{{ m['role'] }}\n"
+                               "{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n"
+                               "{% endif %}")
+    list(module.edit_stream([A, B], progress=False))
+
+    def chat(question: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    ids = tokenizer([chat(A.prompt)], return_tensors="pt").input_ids
+    assert module.prompt_texts(ids) == [A.prompt]  # the user's message, not the template around it
+    assert side_output_used(module, chat(A.prompt)) == 0 and side_output_used(module, chat(B.prompt)) == 0
+    assert side_output_used(module, chat("who is bob")) == -1  # an unrelated question stays with the frozen layer
