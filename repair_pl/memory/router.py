@@ -6,7 +6,9 @@ prompt's embedding: to the memory of the most similar key when the cosine simila
 ``threshold``, else to the frozen layer. The decision no longer reads the side memory's own
 activation, which every merged edit raises on all text, so it holds as edits accumulate; and
 since each key names its memory, edits can be kept in several memories (``retrieve``) and a
-prompt reaches the one that holds its edit.
+prompt reaches the one that holds its edit. A prompt in the tokenizer's chat template is compared
+by its last user message (:meth:`~repair_pl.module.RepairModule.prompt_texts`), so a question
+reaches its edit whether it is asked plainly or as a chat turn.
 """
 
 from __future__ import annotations
