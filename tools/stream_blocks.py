@@ -19,12 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from repair_pl.lifelong import case_means  # noqa: E402
+from repair_pl.lifelong import GEN_KEYS, case_means  # noqa: E402
 
-
-GENERATED = ("rewrite_gen_em", "rephrase_gen_em", "locality_gen",
-             "rewrite_gen_em_chat", "rephrase_gen_em_chat", "locality_gen_chat")
-"""The generated columns (``case_means`` keys), shown when the run has them."""
 GENERATED_HEADER = " gen Rel | gen Gen | gen Loc | chat Rel | chat Gen | chat Loc |"
 
 
@@ -37,14 +33,14 @@ def row(name: str, cases: list[dict], generated: bool = False) -> str:
             f"{means.get('locality', float('nan')):.3f} | {sum(e['steps'] for e in edits) / n:.1f} | "
             f"{sum(e['seconds'] for e in edits) / n:.2f} | {sum(e.get('retries', 0) for e in edits)} |")
     if generated:
-        line += "".join(f" {means.get(key, float('nan')):.3f} |" for key in GENERATED)
+        line += "".join(f" {means.get(key, float('nan')):.3f} |" for key in GEN_KEYS)
     return line
 
 
 def table(results: list[dict], block: int, split: int | None) -> list[str]:
     generated = "gen" in results[0]["post"]
     lines = ["| records | Rel | Gen | Loc | steps/edit | fit s/edit | re-edits |" + (GENERATED_HEADER if generated else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" * len(GENERATED) if generated else "")]
+             "|---|---|---|---|---|---|---|" + ("---|" * len(GEN_KEYS) if generated else "")]
     for start in range(0, len(results), block):
         part = results[start: start + block]
         lines.append(row(f"{start}-{start + len(part) - 1}", part, generated))
