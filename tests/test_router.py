@@ -106,6 +106,34 @@ def test_end_answer_trains_the_end_of_sequence_token_after_the_target():
     assert int(b["n_first"]) == int(a["n_first"]) + 1
 
 
+CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def test_chat_turn_trains_the_edit_as_a_chat_reply_too():
+    from repair_pl.evaluate import evaluate_records
+    from repair_pl.generation import chat_prompt
+
+    plain, chat = tiny_editor("wise", **TINY), tiny_editor("wise", **TINY, chat_turn=True)
+    assert plain.prepare_edit(A)["input_ids"].shape == chat.prepare_edit(A)["input_ids"].shape  # no template
+    for module in (plain, chat):
+        module.tokenizer.chat_template = CHAT
+    a, b = plain.prepare_edit(A), chat.prepare_edit(A)
+    n_edit = int(a["is_edit"].sum())
+    assert int(b["is_edit"].sum()) == n_edit + 1 and int(b["n_first"]) == int(a["n_first"])
+    asked = chat_prompt(chat.tokenizer, A.prompt)
+    tok = chat.tokenizer
+    row = tok.decode(b["input_ids"][n_edit], skip_special_tokens=True)
+    assert row.strip() == tok.decode(tok(asked + " " + A.target).input_ids, skip_special_tokens=True).strip()
+    scores = {}
+    for name, module in (("plain", plain), ("chat", chat)):
+        torch.manual_seed(0)
+        list(module.edit_stream([A], progress=False))
+        evaluation = evaluate_records(module.logits_fn(edited=True), module.tokenizer,
+                                      [EditRecord(asked, A.target, routing_prompt=A.routing_prompt)])
+        scores[name] = evaluation.means["rewrite_acc"]
+    assert scores["chat"] > scores["plain"]  # the chat question itself was trained
+
+
 def test_shards_kept_apart_become_memories_of_their_own_that_their_prompts_reach():
     C = EditRecord("capital of germany?", "zzz", routing_prompt="a third thing")
     module = routing_module(retrieve=True, cluster_size=1, shards_apart=True)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repair_pl.generation import chat_prompt, has_chat_template
 from repair_pl.losses import margin_routing_loss
 from repair_pl.memory.base import EditableLayer, lr_tagged
 from repair_pl.memory.batch import prompt_target_batch
@@ -82,6 +83,9 @@ class SideMemory(EditableLayer):
             ones (ours; their mean cross-entropy is added to the edit loss). With a plan for the
             shard (:meth:`plan_replay`) the edits still to come are trained too, and every replayed
             edit weighs in the gradient as much as the edit itself.
+        chat_turn: also train the prompt as the single user turn of the tokenizer's chat template
+            with the target as the reply, so a chat model asked the edit as a chat message answers
+            it too (ours; no effect for a tokenizer without a chat template).
     """
 
     def __init__(self, lr: float = 1.0, act_ratio: float = 0.88, alpha: float = 5.0, beta: float = 20.0,
@@ -90,7 +94,7 @@ class SideMemory(EditableLayer):
                  prefix_tokens: int = 8, save_freq: int | None = None, merge_freq: int | None = None,
                  merge_method: str = "ties", density: float = 0.53, retrieve: bool = False, n_negatives: int = 0,
                  score_tokens: str = "mean", stack_shards: bool = False, router: PromptRouter | None = None,
-                 end_answer: bool = False, n_replay: int = 0):
+                 end_answer: bool = False, n_replay: int = 0, chat_turn: bool = False):
         super().__init__()
         _check(lr=lr, mask_ratio=mask_ratio, prompt_weight=prompt_weight, n_prefixes=n_prefixes,
                n_negatives=n_negatives, n_replay=n_replay, save_freq=save_freq, merge_freq=merge_freq, merge_method=merge_method,
@@ -101,7 +105,7 @@ class SideMemory(EditableLayer):
         self.save_freq, self.merge_freq, self.merge_method = save_freq, merge_freq, merge_method
         self.density, self.retrieve, self.n_negatives = density, retrieve, n_negatives
         self.score_tokens, self.stack_shards, self.router, self.end_answer = score_tokens, stack_shards, router, end_answer
-        self.n_replay = n_replay
+        self.n_replay, self.chat_turn = n_replay, chat_turn
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, main: nn.Linear, seed: int = 0) -> None:
@@ -142,14 +146,16 @@ class SideMemory(EditableLayer):
 
     # ---- one edit --------------------------------------------------------------------------
     def prepare(self, record, module, retry: bool = False) -> dict[str, Any]:
-        """Edit rows: the prompt (bare and behind each prefix) + target; then the out-of-scope
-        rows: the record's routing prompt and up to ``n_negatives`` routing prompts of earlier
-        edits (a re-edit does not add its own again)."""
+        """Edit rows: the prompt (bare, behind each prefix, and with ``chat_turn`` as a chat turn)
+        + target; then the out-of-scope rows: the record's routing prompt and up to
+        ``n_negatives`` routing prompts of earlier edits (a re-edit does not add its own again)."""
         tok, max_length = module.tokenizer, module.hparams.max_length
         if self.prefixes is None:  # seeded, once: every edit sees the same prefixes
             texts = module.sample_texts(PREFIX_STARTS, self.n_prefixes, self.prefix_tokens)
             self.prefixes = [text + ". " for text in texts]
         prompts = [record.prompt] + [p + record.prompt for p in self.prefixes]
+        if self.chat_turn and has_chat_template(tok):
+            prompts.append(chat_prompt(tok, record.prompt))
         text = record.routing_prompt or self.generated_routing_text(record, module)
         out_rows = [tok([text]).input_ids[0][: max_length or None]] + list(self.negatives)
         if self.n_negatives and not retry:
