@@ -20,6 +20,18 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+"""A minimal chat template: ``<user>question\n<assistant>`` for one user turn."""
+
+
+def chat_tokenizer():
+    """:func:`char_tokenizer` with :data:`CHAT_TEMPLATE`."""
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def tiny_llama(vocab_size: int = 128, layers: int = 4, hidden: int = 32, seed: int = 0):
     """A randomly initialised, frozen ``LlamaForCausalLM`` with a few layers."""
     from transformers import LlamaConfig, LlamaForCausalLM

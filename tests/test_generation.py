@@ -15,7 +15,7 @@ from repair_pl.generation import (NO_CHAT_TEMPLATE, GenerationCheck, answer_line
 from repair_pl.lifelong import GEN_KEYS, pre_edit_evaluation, run_lifelong
 from repair_pl.resume import run_fingerprint
 from repair_pl.presets import preset
-from repair_pl.testing import char_tokenizer, tiny_llama
+from repair_pl.testing import CHAT_TEMPLATE, char_tokenizer, chat_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,14 +24,6 @@ RECORDS = [EditRecord(f"capital of c{i}?", f"x{i}y", rephrases=(f"c{i} capital?"
            for i in range(4)]
 TINY = dict(n_prefixes=1, layer=2, lr=10.0, max_steps=4, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
             norm_constraint=None, eval_batch_size=4, routing_weight=0.1)
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-def chat_tokenizer():
-    tokenizer = char_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 class Scripted:

@@ -5,7 +5,7 @@ import torch
 
 from repair_pl.data import EditRecord
 from repair_pl.memory import PromptRouter
-from repair_pl.testing import tiny_editor
+from repair_pl.testing import CHAT_TEMPLATE, tiny_editor
 
 A = EditRecord("capital of france?", "xyz", rephrases=("france capital city?",), routing_prompt="unrelated text here")
 B = EditRecord("ceo of microsoft?", "qwe", routing_prompt="some other thing")
@@ -106,9 +106,6 @@ def test_end_answer_trains_the_end_of_sequence_token_after_the_target():
     assert int(b["n_first"]) == int(a["n_first"]) + 1
 
 
-CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-
-
 def test_chat_turn_trains_the_edit_as_a_chat_reply_too():
     from repair_pl.evaluate import evaluate_records
     from repair_pl.generation import chat_prompt
@@ -116,12 +113,12 @@ def test_chat_turn_trains_the_edit_as_a_chat_reply_too():
     plain, chat = tiny_editor("wise", **TINY), tiny_editor("wise", **TINY, chat_turn=True)
     assert plain.prepare_edit(A)["input_ids"].shape == chat.prepare_edit(A)["input_ids"].shape  # no template
     for module in (plain, chat):
-        module.tokenizer.chat_template = CHAT
+        module.tokenizer.chat_template = CHAT_TEMPLATE
     a, b = plain.prepare_edit(A), chat.prepare_edit(A)
     n_edit = int(a["is_edit"].sum())
     assert int(b["is_edit"].sum()) == n_edit + 1 and int(b["n_first"]) == int(a["n_first"])
-    asked = chat_prompt(chat.tokenizer, A.prompt)
     tok = chat.tokenizer
+    asked = chat_prompt(tok, A.prompt)
     row = tok.decode(b["input_ids"][n_edit], skip_special_tokens=True)
     assert row.strip() == tok.decode(tok(asked + " " + A.target).input_ids, skip_special_tokens=True).strip()
     scores = {}
