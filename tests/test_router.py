@@ -131,6 +131,25 @@ def test_chat_turn_trains_the_edit_as_a_chat_reply_too():
     assert scores["chat"] > scores["plain"]  # the chat question itself was trained
 
 
+def test_chat_turn_also_replays_the_shards_other_edits_as_chat_replies():
+    from repair_pl.generation import chat_prompt
+
+    C = EditRecord("capital of germany?", "zzz", routing_prompt="a third thing")
+    plain, chat = (tiny_editor("wise", **TINY, n_replay=2, chat_turn=on) for on in (False, True))
+    for module in (plain, chat):
+        module.tokenizer.chat_template = CHAT_TEMPLATE
+        module.memory.plan_replay([A, B, C], module.tokenizer)
+    a, b = plain.prepare_edit(A), chat.prepare_edit(A)
+    tok = chat.tokenizer
+    rows = [tok.decode(ids, skip_special_tokens=True).strip() for ids in b["input_ids"][b["is_edit"]]]
+    replayed = rows[-4:]
+    expected = [tok.decode(tok(p + " " + r.target).input_ids, skip_special_tokens=True).strip()
+                for p, r in [(B.prompt, B), (C.prompt, C), (chat_prompt(tok, B.prompt), B), (chat_prompt(tok, C.prompt), C)]]
+    assert replayed == expected
+    assert int(b["is_edit"].sum()) == int(a["is_edit"].sum()) + 3  # its own chat row and two replayed ones
+    assert b["replay_weight"] == a["replay_weight"] == 2.0  # each replayed edit still weighs as much as the edit
+
+
 def test_shards_kept_apart_become_memories_of_their_own_that_their_prompts_reach():
     C = EditRecord("capital of germany?", "zzz", routing_prompt="a third thing")
     module = routing_module(retrieve=True, cluster_size=1, shards_apart=True)

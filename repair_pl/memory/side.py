@@ -84,8 +84,9 @@ class SideMemory(EditableLayer):
             shard (:meth:`plan_replay`) the edits still to come are trained too, and every replayed
             edit weighs in the gradient as much as the edit itself.
         chat_turn: also train the prompt as the single user turn of the tokenizer's chat template
-            with the target as the reply, so a chat model asked the edit as a chat message answers
-            it too (ours; no effect for a tokenizer without a chat template).
+            with the target as the reply (and each replayed edit likewise), so a chat model asked
+            the edit as a chat message answers it too (ours; no effect for a tokenizer without a
+            chat template).
     """
 
     def __init__(self, lr: float = 1.0, act_ratio: float = 0.88, alpha: float = 5.0, beta: float = 20.0,
@@ -154,17 +155,20 @@ class SideMemory(EditableLayer):
             texts = module.sample_texts(PREFIX_STARTS, self.n_prefixes, self.prefix_tokens)
             self.prefixes = [text + ". " for text in texts]
         prompts = [record.prompt] + [p + record.prompt for p in self.prefixes]
-        if self.chat_turn and has_chat_template(tok):
+        chat = self.chat_turn and has_chat_template(tok)
+        if chat:
             prompts.append(chat_prompt(tok, record.prompt))
         text = record.routing_prompt or self.generated_routing_text(record, module)
         out_rows = [tok([text]).input_ids[0][: max_length or None]] + list(self.negatives)
         if self.n_negatives and not retry:
             self.negatives.appendleft(out_rows[0])
         target = self.trained_target(record, tok)
-        replay = self.replayed(record.prompt)
+        pairs = self.replayed(record.prompt)
+        # replayed edits are trained as the edit is, so a shard's first fit also learns their chat turns
+        replay = pairs + [(chat_prompt(tok, p), t) for p, t in pairs] if chat else pairs
         batch = prompt_target_batch(tok, prompts, target, max_length, out_rows, replay)
         # with a plan, replayed edits are still to be learnt, not only kept: each weighs as much as the edit
-        batch["replay_weight"] = float(len(replay)) if self.planned and replay else 1.0
+        batch["replay_weight"] = float(len(pairs)) if self.planned and pairs else 1.0
         return batch
 
     def replayed(self, prompt: str) -> list[tuple[str, str]]:
