@@ -1,4 +1,5 @@
-"""Host memory over a long edit stream: freed heap pages back to the system, bounded kernel caches."""
+"""Host memory over a long edit stream: freed heap pages back to the system, bounded kernel caches,
+what the edits occupy."""
 
 from __future__ import annotations
 
@@ -53,3 +54,21 @@ def bound_kernel_caches(capacity: int = 64) -> None:
         raise ValueError(f"kernel cache capacity must be an integer >= 1, got {capacity!r}")
     for name in KERNEL_CACHES:
         os.environ.setdefault(name, str(capacity))
+
+
+def side_memory_mb(module) -> dict:
+    """Sizes of what the edits occupy: ``side`` (W'; for the baselines FT-L's weight copy or
+    GRACE's codebook), ``shards`` (stored shards and retrieve memories), ``total`` (also the
+    merged copy and the mask)."""
+    from repair_pl.memory import SideMemory
+
+    m = module.memory
+
+    def mb(tensors) -> float:
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+    if not isinstance(m, SideMemory):  # a baseline: everything it holds beside the frozen layer
+        side = mb(t for name, t in [*m.named_parameters(), *m.named_buffers()] if not name.startswith("main."))
+        return {"side": side, "shards": 0.0, "total": side}
+    side, shards = mb([m.side]), mb(list(m.shards) + list(m.memories))
+    return {"side": side, "shards": shards, "total": side + shards + mb([m.merged, m.mask])}

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from repair_pl.checkpoint import write_file_atomic, write_json_atomic  # noqa: E402
 from repair_pl.data import EditDataModule  # noqa: E402
 from repair_pl.evaluate import evaluate_records  # noqa: E402
-from repair_pl.host_memory import rss_mb, trim_heap  # noqa: E402
+from repair_pl.host_memory import rss_mb, side_memory_mb, trim_heap  # noqa: E402
 
 ZSRE = "data/zsre/zsre_edit_1000.json"
 TINY_SETTINGS = dict(n_prefixes=2, layer=2, lr=10.0, alpha=1.0, beta=5.0, gamma=3.0, mask_ratio=0.5,
@@ -166,24 +166,6 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_mb = max(self.peak_mb, rss_mb())
-
-
-def side_memory_mb(module) -> dict:
-    """Sizes of what the edits occupy: ``side`` (W'; for the baselines FT-L's weight copy or
-    GRACE's codebook), ``shards`` (stored shards and retrieve memories), ``total`` (also the
-    merged copy and the mask)."""
-    from repair_pl.memory import SideMemory
-
-    m = module.memory
-
-    def mb(tensors) -> float:
-        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-    if not isinstance(m, SideMemory):  # a baseline: everything it holds beside the frozen layer
-        side = mb(t for name, t in [*m.named_parameters(), *m.named_buffers()] if not name.startswith("main."))
-        return {"side": side, "shards": 0.0, "total": side}
-    side, shards = mb([m.side]), mb(list(m.shards) + list(m.memories))
-    return {"side": side, "shards": shards, "total": side + shards + mb([m.merged, m.mask])}
 
 
 def median(values) -> float:

@@ -1,13 +1,12 @@
 """tools/heap_census.py: what a long stream's process holds, block by block."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 import repair_pl.cli as cli
 from repair_pl import lifelong
-from repair_pl.testing import load_script
+from repair_pl.testing import load_script, tiny_editor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model.model", "tiny-random", "--model.layer", "2", "--model.memory.init_args.n_prefixes", "1",
@@ -36,9 +35,12 @@ def test_one_row_per_block_and_the_command_line_left_as_it_was(tmp_path, capsys,
 
 
 def test_stored_counts_the_shards_and_memories_and_their_bytes():
-    memory = SimpleNamespace(shards=[torch.zeros(256, 1024)], memories=[torch.zeros(512, 1024)] * 2)
-    assert census().stored(memory) == (3, 5.0)  # 1 + 2 + 2 MB of fp32
-    assert census().stored(SimpleNamespace()) == (0, 0.0)  # a memory that keeps none (FT, GRACE)
+    module = tiny_editor("wise", layer=2)
+    assert census().stored(module) == (0, 0.0)
+    module.memory.shards.append(torch.zeros(256, 1024))
+    module.memory.memories += [torch.zeros(512, 1024)] * 2
+    assert census().stored(module) == (3, 5.0)  # 1 + 2 + 2 MB of fp32
+    assert census().stored(tiny_editor("grace", layer=2))[0] == 0  # a baseline keeps no shards
 
 
 def test_live_tensors_count_each_storage_once():

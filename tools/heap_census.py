@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import repair_pl.cli as cli  # noqa: E402
 import repair_pl.lifelong as lifelong  # noqa: E402
-from repair_pl.host_memory import rss_mb, trim_heap  # noqa: E402
+from repair_pl.host_memory import rss_mb, side_memory_mb, trim_heap  # noqa: E402
 
 MB = 2**20
 
@@ -58,10 +58,10 @@ def live_tensor_mb() -> float:
     return sum(storages.values()) / MB
 
 
-def stored(memory) -> tuple[int, float]:
-    """(stored shards and memories, their MB) of a side memory."""
-    kept = list(getattr(memory, "shards", [])) + list(getattr(memory, "memories", []))
-    return len(kept), sum(t.numel() * t.element_size() for t in kept) / MB
+def stored(module) -> tuple[int, float]:
+    """(stored shards and memories, their MB) of ``module``'s side memory (none for a baseline)."""
+    memory = module.memory
+    return len(getattr(memory, "shards", [])) + len(getattr(memory, "memories", [])), side_memory_mb(module)["shards"]
 
 
 def main(argv=None) -> None:
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
             return
         trim_heap()
         in_use, free = heap_mb()
-        n, kept_mb = stored(held["module"].memory)
+        n, kept_mb = stored(held["module"])
         print(f"| {state['blocks'][-1]['edits']} | {rss_mb():.0f} | {in_use:.0f} | {free:.0f} | "
               f"{live_tensor_mb():.0f} | {n} | {kept_mb:.0f} |", flush=True)
 
