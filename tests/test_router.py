@@ -143,8 +143,8 @@ def test_chat_turn_also_replays_the_shards_other_edits_as_chat_replies():
     tok = chat.tokenizer
     rows = [tok.decode(ids, skip_special_tokens=True).strip() for ids in b["input_ids"][b["is_edit"]]]
     replayed = rows[-4:]
-    expected = [tok.decode(tok(p + " " + r.target).input_ids, skip_special_tokens=True).strip()
-                for p, r in [(B.prompt, B), (C.prompt, C), (chat_prompt(tok, B.prompt), B), (chat_prompt(tok, C.prompt), C)]]
+    asked = [(B.prompt, B), (C.prompt, C), (chat_prompt(tok, B.prompt), B), (chat_prompt(tok, C.prompt), C)]
+    expected = [tok.decode(tok(p + " " + r.target).input_ids, skip_special_tokens=True).strip() for p, r in asked]
     assert replayed == expected
     assert int(b["is_edit"].sum()) == int(a["is_edit"].sum()) + 3  # its own chat row and two replayed ones
     assert b["replay_weight"] == a["replay_weight"] == 2.0  # each replayed edit still weighs as much as the edit
